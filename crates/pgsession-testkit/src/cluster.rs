@@ -1,0 +1,511 @@
+//! Owns [`TestCluster`]: a throwaway PostgreSQL cluster on a loopback port, with its own data
+//! directory, that tests can stop, kill, start again and restart, and that is torn down on drop.
+//!
+//! `initdb` runs once per process into a template directory; each cluster is a `cp -a` copy of
+//! it, which makes a start take well under a second. Clusters live in `/dev/shm` when it has room
+//! (see [`base_dir`]), and directories left by killed test processes are swept on the next run.
+
+use std::{
+    env, fs,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::unix::fs::{chown, MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::{Command as StdCommand, Output, Stdio},
+};
+
+use tempfile::TempDir;
+use tokio::sync::{Mutex, OnceCell};
+
+use crate::{db::connect, db::quote_ident, Result, TestkitError};
+
+/// The only address clusters listen on.
+const HOST: &str = "127.0.0.1";
+/// Seconds `pg_ctl -w` waits for a start or stop.
+const PG_CTL_TIMEOUT: &str = "30";
+/// Prefix of every directory the testkit creates in the temp dir, followed by the owner's pid.
+const DIR_PREFIX: &str = "pgsession-testkit-";
+/// How often a first start is retried when another process grabbed the chosen port.
+const PORT_ATTEMPTS: usize = 5;
+/// Overrides where clusters are created (see [`base_dir`]).
+const DIR_ENV: &str = "PGSESSION_TESTKIT_DIR";
+/// RAM-backed directory preferred for clusters when it has this much room.
+const SHM_DIR: &str = "/dev/shm";
+const SHM_MIN_FREE_KIB: u64 = 2 * 1024 * 1024;
+
+/// How to set up a [`TestCluster`]. `ClusterOptions::default()` is a plain server.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Extra `postgresql.conf` lines, e.g. `"ssl = on"` or
+    /// `"shared_preload_libraries = 'pg_stat_statements'"`. They come last, so they win.
+    pub config: Vec<String>,
+    /// Sets `max_connections`.
+    pub max_connections: Option<u32>,
+    /// Files written into the data directory before the first start, as
+    /// `(path relative to the data dir, contents, unix mode)`, e.g. a TLS certificate and key.
+    pub files: Vec<(String, Vec<u8>, u32)>,
+    /// Sets `log_statement = 'all'`, so a test can count statements in [`TestCluster::read_log`].
+    pub log_statements: bool,
+}
+
+/// The initdb'd data directory every cluster of this process is copied from.
+#[derive(Debug)]
+struct Template {
+    /// Lives as long as the process; [`sweep_stale_dirs`] removes it after the process is gone.
+    _dir: TempDir,
+    /// Where the template and the clusters live.
+    base: PathBuf,
+    data: PathBuf,
+    pg_ctl: PathBuf,
+    /// `Some((uid, gid))` of the `postgres` user when we run as root and must drop privileges.
+    owner: Option<(u32, u32)>,
+}
+
+impl Template {
+    /// A command that runs `program` as the user that owns the clusters.
+    fn command(&self, program: &Path) -> StdCommand {
+        pg_command(self.owner.is_some(), program)
+    }
+}
+
+static TEMPLATE: OnceCell<Template> = OnceCell::const_new();
+
+/// A throwaway PostgreSQL cluster listening on `127.0.0.1` with trust authentication for the
+/// `postgres` user. Dropping it kills the server (`-m immediate`) and deletes its directory,
+/// also when a test panics.
+#[derive(Debug)]
+pub struct TestCluster {
+    template: &'static Template,
+    /// Holds the data dir, unix socket and log; removed after `Drop::drop` stopped the server.
+    dir: TempDir,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    port: u16,
+    /// Serialises start and stop.
+    lifecycle: Mutex<()>,
+}
+
+impl TestCluster {
+    /// Starts a cluster with default options.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(ClusterOptions::default()).await
+    }
+
+    /// Starts a cluster set up as `options` says, on a free port.
+    pub async fn start_with(options: ClusterOptions) -> Result<Self> {
+        let template = TEMPLATE.get_or_try_init(init_template).await?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
+            .tempdir_in(&template.base)
+            .map_err(TestkitError::io("creating the cluster directory"))?;
+        let data_dir = dir.path().join("data");
+        let mut cp = StdCommand::new("cp");
+        cp.arg("-a").arg(&template.data).arg(&data_dir);
+        run(cp).await?;
+        if let Some((uid, gid)) = template.owner {
+            chown(dir.path(), Some(uid), Some(gid)).map_err(TestkitError::io(
+                "handing the cluster directory to postgres",
+            ))?;
+        }
+        let cluster = TestCluster {
+            template,
+            log_path: dir.path().join("postgres.log"),
+            dir,
+            data_dir,
+            port: 0,
+            lifecycle: Mutex::new(()),
+        };
+        cluster.write_files(&options.files)?;
+        cluster.start_on_free_port(&options).await
+    }
+
+    async fn start_on_free_port(mut self, options: &ClusterOptions) -> Result<Self> {
+        let conf_path = self.data_dir.join("postgresql.conf");
+        let base_conf = fs::read_to_string(&conf_path)
+            .map_err(TestkitError::io(format!("reading {}", conf_path.display())))?;
+        let mut attempt = 1;
+        loop {
+            self.port = free_port()?;
+            let conf = format!(
+                "{base_conf}\n# pgsession-testkit\n{}",
+                self.settings(options)
+            );
+            fs::write(&conf_path, conf)
+                .map_err(TestkitError::io(format!("writing {}", conf_path.display())))?;
+            match self.pg_ctl_start().await {
+                Err(TestkitError::Start { log, .. })
+                    if attempt < PORT_ATTEMPTS && log.contains("Address already in use") =>
+                {
+                    attempt += 1;
+                }
+                result => return result.map(|()| self),
+            }
+        }
+    }
+
+    fn settings(&self, options: &ClusterOptions) -> String {
+        let mut lines = vec![
+            format!("listen_addresses = '{HOST}'"),
+            format!("port = {}", self.port),
+            format!("unix_socket_directories = '{}'", self.dir.path().display()),
+            "fsync = off".to_owned(),
+            "synchronous_commit = off".to_owned(),
+            "full_page_writes = off".to_owned(),
+        ];
+        if let Some(max) = options.max_connections {
+            lines.push(format!("max_connections = {max}"));
+        }
+        if options.log_statements {
+            lines.push("log_statement = 'all'".to_owned());
+        }
+        lines.extend(options.config.iter().cloned());
+        lines.join("\n") + "\n"
+    }
+
+    fn write_files(&self, files: &[(String, Vec<u8>, u32)]) -> Result<()> {
+        let owner = self.template.owner;
+        for (relative, contents, mode) in files {
+            let path = self.data_dir.join(relative);
+            let io = || TestkitError::io(format!("writing {}", path.display()));
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).map_err(io())?;
+            }
+            fs::write(&path, contents).map_err(io())?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(*mode)).map_err(io())?;
+            if let Some((uid, gid)) = owner {
+                // The file and any directory created for it belong to postgres.
+                for p in path.ancestors().take_while(|p| *p != self.data_dir) {
+                    chown(p, Some(uid), Some(gid)).map_err(io())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Always `"127.0.0.1"`.
+    pub fn host(&self) -> &str {
+        HOST
+    }
+
+    /// The TCP port the server listens on; it stays the same across restarts.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's socket address, e.g. as the upstream of a [`crate::FaultProxy`].
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// `postgres://postgres@127.0.0.1:{port}/{database}`.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@{HOST}:{}/{database}", self.port)
+    }
+
+    /// The cluster's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The server log file (stderr of the postmaster).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The server log so far.
+    pub fn read_log(&self) -> Result<String> {
+        let bytes = fs::read(&self.log_path).map_err(TestkitError::io(format!(
+            "reading {}",
+            self.log_path.display()
+        )))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Creates database `name` (connecting to the `postgres` database).
+    pub async fn create_database(&self, name: &str) -> Result<()> {
+        let client = connect(&self.url("postgres")).await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(name)))
+            .await
+            .map_err(TestkitError::pg(format!("creating database {name}")))
+    }
+
+    /// Whether the server is running (`pg_ctl status`).
+    pub fn is_running(&self) -> bool {
+        self.template
+            .command(&self.template.pg_ctl)
+            .arg("status")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .current_dir(self.dir.path())
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+
+    /// Stops the server cleanly (`pg_ctl stop -m fast`) and waits until it is gone.
+    /// Does nothing if it is not running.
+    pub async fn stop(&self) -> Result<()> {
+        self.pg_ctl_stop("fast").await
+    }
+
+    /// Kills the server (`pg_ctl stop -m immediate`: no shutdown checkpoint, crash recovery on
+    /// the next start) and waits until it is gone. Does nothing if it is not running.
+    pub async fn kill(&self) -> Result<()> {
+        self.pg_ctl_stop("immediate").await
+    }
+
+    /// Starts a stopped server again, with the same data dir and port.
+    pub async fn start_again(&self) -> Result<()> {
+        let _guard = self.lifecycle.lock().await;
+        self.pg_ctl_start().await
+    }
+
+    /// [`stop`](Self::stop) then [`start_again`](Self::start_again).
+    pub async fn restart(&self) -> Result<()> {
+        self.stop().await?;
+        self.start_again().await
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.data_dir.join("postmaster.pid")
+    }
+
+    fn pg_ctl(&self) -> StdCommand {
+        let mut command = self.template.command(&self.template.pg_ctl);
+        command.current_dir(self.dir.path());
+        command
+    }
+
+    async fn pg_ctl_start(&self) -> Result<()> {
+        let log_offset = fs::metadata(&self.log_path).map_or(0, |m| m.len() as usize);
+        let mut command = self.pg_ctl();
+        command.args(["start", "-w", "-t", PG_CTL_TIMEOUT, "-D"]);
+        command.arg(&self.data_dir).arg("-l").arg(&self.log_path);
+        let output = output(command).await?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let log = fs::read(&self.log_path).unwrap_or_default();
+        Err(TestkitError::Start {
+            port: self.port,
+            data_dir: self.data_dir.clone(),
+            output: describe_output(&output),
+            log: String::from_utf8_lossy(log.get(log_offset..).unwrap_or_default()).into_owned(),
+        })
+    }
+
+    async fn pg_ctl_stop(&self, mode: &str) -> Result<()> {
+        let _guard = self.lifecycle.lock().await;
+        if !self.pid_file().exists() {
+            return Ok(());
+        }
+        let mut command = self.pg_ctl();
+        command.args(["stop", "-w", "-t", PG_CTL_TIMEOUT, "-m", mode, "-D"]);
+        command.arg(&self.data_dir);
+        run(command).await.map(drop)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let pid_file = self.pid_file();
+        if !pid_file.exists() {
+            return;
+        }
+        let stopped = self
+            .pg_ctl()
+            .args(["stop", "-w", "-t", "10", "-m", "immediate", "-D"])
+            .arg(&self.data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !stopped {
+            // The first line of postmaster.pid is the postmaster's pid; its children exit when
+            // they notice it is gone.
+            let pid = fs::read_to_string(&pid_file).unwrap_or_default();
+            if let Some(pid) = pid.lines().next().filter(|p| p.parse::<u32>().is_ok()) {
+                tracing::warn!(pid, "pg_ctl stop failed; killing the postmaster");
+                let _ = StdCommand::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        // `self.dir` is removed when the fields are dropped, right after this.
+    }
+}
+
+/// Runs `initdb` once for this process.
+async fn init_template() -> Result<Template> {
+    let bindir = find_bindir()?;
+    let base = base_dir();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{DIR_PREFIX}{}-template-", std::process::id()))
+        .tempdir_in(&base)
+        .map_err(TestkitError::io("creating the template directory"))?;
+    let metadata = |path: &Path| {
+        fs::metadata(path).map_err(TestkitError::io(format!("reading {}", path.display())))
+    };
+    // PostgreSQL refuses to run as root: then everything runs as (and belongs to) `postgres`.
+    let as_root = metadata(dir.path())?.uid() == 0;
+    if as_root {
+        let mut chown = StdCommand::new("chown");
+        chown.arg("postgres:").arg(dir.path());
+        run(chown).await?;
+    }
+    let owner = as_root
+        .then(|| metadata(dir.path()).map(|m| (m.uid(), m.gid())))
+        .transpose()?;
+    let pg_ctl = bindir.join("pg_ctl");
+    sweep_stale_dirs(&base, as_root, &pg_ctl);
+
+    let data = dir.path().join("data");
+    let mut initdb = pg_command(as_root, &bindir.join("initdb"));
+    initdb.arg("-D").arg(&data).current_dir(dir.path());
+    initdb.args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "--no-sync",
+    ]);
+    run(initdb).await?;
+    Ok(Template {
+        _dir: dir,
+        base,
+        data,
+        pg_ctl,
+        owner,
+    })
+}
+
+/// Where clusters are created: `$PGSESSION_TESTKIT_DIR` if set; else `/dev/shm` when it has
+/// 2 GiB free, because a cluster is ~1000 files and creating files on disk can cost a
+/// millisecond each; else the system temp dir.
+fn base_dir() -> PathBuf {
+    if let Some(dir) = env::var_os(DIR_ENV).filter(|dir| !dir.is_empty()) {
+        return dir.into();
+    }
+    let shm_free_kib = || {
+        let output = StdCommand::new("df").args(["-Pk", SHM_DIR]).output().ok()?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        stdout
+            .lines()
+            .nth(1)?
+            .split_whitespace()
+            .nth(3)?
+            .parse::<u64>()
+            .ok()
+    };
+    if Path::new(SHM_DIR).is_dir() && shm_free_kib().is_some_and(|free| free >= SHM_MIN_FREE_KIB) {
+        SHM_DIR.into()
+    } else {
+        env::temp_dir()
+    }
+}
+
+/// The directory holding `initdb` and `pg_ctl`: from `PATH`, else from `pg_config --bindir`.
+fn find_bindir() -> Result<PathBuf> {
+    let has_binaries = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    let on_path =
+        env::var_os("PATH").and_then(|path| env::split_paths(&path).find(|d| has_binaries(d)));
+    let from_pg_config = || {
+        let output = StdCommand::new("pg_config").arg("--bindir").output().ok()?;
+        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        (output.status.success() && has_binaries(&dir)).then_some(dir)
+    };
+    on_path
+        .or_else(from_pg_config)
+        .ok_or(TestkitError::BinariesNotFound)
+}
+
+/// Removes directories left behind by test processes that no longer exist (the template, and
+/// clusters of a run that was killed before `Drop` ran), stopping any postgres still using them.
+fn sweep_stale_dirs(base: &Path, as_root: bool, pg_ctl: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return; // No cheap way to tell whether the owning process is alive.
+    }
+    let bases = [base.to_owned(), env::temp_dir(), SHM_DIR.into()];
+    for entry in bases
+        .iter()
+        .filter_map(|base| fs::read_dir(base).ok())
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let data = entry.path().join("data");
+        if data.join("postmaster.pid").exists() {
+            let _ = pg_command(as_root, pg_ctl)
+                .args(["stop", "-w", "-t", "10", "-m", "immediate", "-D"])
+                .arg(&data)
+                .current_dir(entry.path())
+                .output();
+        }
+        tracing::debug!(path = %entry.path().display(), "removing stale testkit directory");
+        let _ = fs::remove_dir_all(entry.path());
+    }
+}
+
+/// `program`, run as `postgres` through `runuser` when we are root.
+fn pg_command(as_root: bool, program: &Path) -> StdCommand {
+    if as_root {
+        let mut command = StdCommand::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        StdCommand::new(program)
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .map_err(TestkitError::io("finding a free port"))?;
+    Ok(listener.port())
+}
+
+async fn output(mut command: StdCommand) -> Result<Output> {
+    let description = format!("{command:?}");
+    command.stdin(Stdio::null());
+    tokio::process::Command::from(command)
+        .output()
+        .await
+        .map_err(TestkitError::io(format!("running {description}")))
+}
+
+/// Runs `command`, failing unless it exits successfully.
+async fn run(command: StdCommand) -> Result<Output> {
+    let description = format!("{command:?}");
+    let output = output(command).await?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(TestkitError::Command {
+            command: description,
+            status: output.status.to_string(),
+            output: describe_output(&output),
+        })
+    }
+}
+
+fn describe_output(output: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    format!("{}\n{}", stdout.trim(), stderr.trim())
+        .trim()
+        .to_owned()
+}

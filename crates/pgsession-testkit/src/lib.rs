@@ -1,0 +1,39 @@
+//! Test support for pgsession: throwaway PostgreSQL clusters ([`TestCluster`]), fresh test
+//! databases ([`TestDb`]) and a TCP proxy that injects network faults ([`FaultProxy`]).
+//!
+//! [`TestDb::new`] uses the server in `DATABASE_URL` when that is set; otherwise, like
+//! [`TestCluster`], it needs the PostgreSQL server binaries (`initdb`, `pg_ctl`) on `PATH` or in
+//! `pg_config --bindir`, and fails with [`TestkitError::BinariesNotFound`] when they are missing.
+//! When run as root, the servers run as the `postgres` user.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use pgsession_testkit::{FaultProxy, TestDb};
+//!
+//! # async fn demo() -> Result<(), pgsession_testkit::TestkitError> {
+//! let db = TestDb::throwaway().await?;
+//! let cluster = db.cluster().expect("a throwaway database has a cluster");
+//! let proxy = FaultProxy::start(cluster.socket_addr()).await?;
+//!
+//! let (client, connection) = tokio_postgres::connect(&proxy.url_for(db.name()), tokio_postgres::NoTls)
+//!     .await
+//!     .expect("connect through the proxy");
+//! tokio::spawn(connection);
+//! proxy.latency(Duration::from_millis(50));
+//! client.simple_query("SELECT 1").await.expect("slow but fine");
+//!
+//! cluster.restart().await?;
+//! assert!(client.simple_query("SELECT 1").await.is_err());
+//! # Ok(())
+//! # }
+//! ```
+
+mod cluster;
+mod db;
+mod error;
+mod proxy;
+
+pub use cluster::{ClusterOptions, TestCluster};
+pub use db::TestDb;
+pub use error::{Result, TestkitError};
+pub use proxy::FaultProxy;

@@ -1,0 +1,26 @@
+//! pgsession: HTTP sessions in PostgreSQL that keep working when the
+//! database does not.
+//!
+//! The crate has three layers, each usable alone:
+//!
+//! - the store engine ([`Store`]): a dedicated pool, the session table,
+//!   operations retried on transient errors, and a pruner;
+//! - express-session compatibility ([`cookie`], [`record`]): signed cookies
+//!   and stored documents a Node service can share;
+//! - the HTTP layer: a tower `Layer` and an axum extractor.
+
+pub mod config;
+pub mod cookie;
+mod error;
+mod pool;
+pub mod record;
+mod resilience;
+mod schema;
+mod store;
+mod tls;
+
+pub use config::{Config, ConfigBuilder, ConfigError, PoolerMode, SslMode, TlsConfig};
+pub use error::{Error, ErrorKind};
+pub use pool::PoolStatus;
+pub use schema::Identifier;
+pub use store::{PruneOutcome, ServerInfo, Store, StoredSession};

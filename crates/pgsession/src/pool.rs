@@ -1,0 +1,351 @@
+//! The dedicated session pool: deadpool-postgres with our own connector.
+//!
+//! It owns what the design asks of each connection: connect timeout (TLS and
+//! authentication included), TCP keepalive, `TimeZone=UTC` and a server-side
+//! `statement_timeout` as startup options (dropped by themselves when the
+//! server refuses them, as a pooler does), replacement after a maximum
+//! number of uses, idle connections closed after the idle timeout, and a
+//! warm minimum kept open. [`Checkout`] adds the client-side deadline: a
+//! query that outlives it is cancelled on the server and its connection
+//! thrown away.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{
+    Connect, Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
+    Timeouts,
+};
+use tokio::task::JoinHandle;
+use tokio_postgres::CancelToken;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::{Config, PoolerMode};
+use crate::error::Error;
+
+/// A snapshot of the pool, for health, metrics and the dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStatus {
+    /// Connections open now.
+    pub size: usize,
+    /// Open connections not in use.
+    pub idle: usize,
+    /// Connections handed out.
+    pub in_use: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+    /// Current maximum size.
+    pub max: usize,
+    /// Connections opened since the pool was made.
+    pub opened_total: u64,
+}
+
+/// The session pool. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct SessionPool {
+    pool: Pool,
+    tls: MakeRustlsConnect,
+    shared: Arc<Shared>,
+    min_idle: usize,
+    idle_timeout: Duration,
+    acquire_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for SessionPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionPool")
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+/// State the connector and the pool share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Cleared when the server refuses startup options (a pooler).
+    startup_options: AtomicBool,
+    opened_total: AtomicU64,
+    warming: AtomicBool,
+}
+
+impl SessionPool {
+    /// Builds the pool; opens nothing yet.
+    pub(crate) fn new(config: &Config) -> Result<SessionPool, Error> {
+        let tls = crate::tls::connector(config.tls())?;
+        let shared = Arc::new(Shared {
+            startup_options: AtomicBool::new(config.pooler() == PoolerMode::Direct),
+            ..Shared::default()
+        });
+        let mut options = config
+            .postgres()
+            .get_options()
+            .unwrap_or_default()
+            .to_owned();
+        options.push_str(&format!(
+            " -c TimeZone=UTC -c statement_timeout={}",
+            config.statement_timeout().as_millis()
+        ));
+        let connector = SessionConnector {
+            tls: tls.clone(),
+            shared: shared.clone(),
+            options: options.trim().to_owned(),
+        };
+        let manager = Manager::from_connect(
+            config.postgres().clone(),
+            connector,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let max_uses = config.max_uses();
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size())
+            .runtime(Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(config.acquire_timeout()),
+                create: Some(config.connect_timeout()),
+                recycle: Some(Duration::from_secs(5)),
+            })
+            .pre_recycle(Hook::sync_fn(move |_, metrics| {
+                // recycle_count counts reuses; this checkout would be use
+                // number recycle_count + 2.
+                if metrics.recycle_count + 1 >= max_uses {
+                    return Err(HookError::message("connection reached its maximum uses"));
+                }
+                Ok(())
+            }))
+            .build()
+            .map_err(|e| Error::Config(crate::ConfigError::invalid("pool_size", e.to_string())))?;
+        Ok(SessionPool {
+            pool,
+            tls,
+            shared,
+            min_idle: config.min_idle(),
+            idle_timeout: config.idle_timeout(),
+            acquire_timeout: config.acquire_timeout(),
+            connect_timeout: config.connect_timeout(),
+        })
+    }
+
+    /// Takes a connection, waiting at most the acquire timeout for a free
+    /// slot and the connect timeout for a new connection.
+    pub(crate) async fn checkout(&self) -> Result<Checkout, Error> {
+        match self.pool.get().await {
+            Ok(conn) => Ok(Checkout {
+                conn: Some(conn),
+                tls: self.tls.clone(),
+            }),
+            Err(e) => Err(match Error::from(e) {
+                Error::AcquireTimeout(_) => Error::AcquireTimeout(self.acquire_timeout),
+                Error::ConnectTimeout(_) => Error::ConnectTimeout(self.connect_timeout),
+                other => other,
+            }),
+        }
+    }
+
+    /// The pool's figures now.
+    pub(crate) fn status(&self) -> PoolStatus {
+        let s = self.pool.status();
+        PoolStatus {
+            size: s.size,
+            idle: s.available,
+            in_use: s.size.saturating_sub(s.available),
+            waiting: s.waiting,
+            max: s.max_size,
+            opened_total: self.shared.opened_total.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether connections carry the startup options (false behind a pooler).
+    pub(crate) fn uses_startup_options(&self) -> bool {
+        self.shared.startup_options.load(Ordering::Relaxed)
+    }
+
+    /// Changes the maximum size (the self-sizing pool).
+    #[allow(dead_code)]
+    pub(crate) fn resize(&self, max: usize) {
+        self.pool.resize(max);
+    }
+
+    /// One maintenance pass: closes connections idle for longer than the idle
+    /// timeout (keeping the warm minimum) and opens connections up to it.
+    pub(crate) fn maintain(&self) {
+        let status = self.pool.status();
+        let mut warm = status.size.saturating_sub(status.available);
+        let (min_idle, idle_timeout) = (self.min_idle, self.idle_timeout);
+        let removed = self
+            .pool
+            .retain(|_, metrics| {
+                if warm < min_idle {
+                    warm += 1;
+                    return true;
+                }
+                metrics.last_used() < idle_timeout
+            })
+            .removed
+            .len();
+        if removed > 0 {
+            tracing::debug!(target: "session_pool", removed, "closed idle connections");
+        }
+        if self.pool.status().size < self.min_idle
+            && !self.shared.warming.swap(true, Ordering::AcqRel)
+        {
+            let pool = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = pool.warm().await {
+                    tracing::debug!(target: "session_pool", error = %e, "could not open warm connection");
+                }
+                pool.shared.warming.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    async fn warm(&self) -> Result<(), Error> {
+        let mut held = Vec::new();
+        while self.pool.status().size < self.min_idle && held.len() < self.min_idle {
+            held.push(self.checkout().await?);
+        }
+        for conn in held {
+            conn.finish(&Ok::<(), Error>(()));
+        }
+        Ok(())
+    }
+
+    /// Closes the pool: waiting and future checkouts fail, open connections
+    /// are dropped as they come back.
+    pub(crate) fn close(&self) {
+        self.pool.close();
+    }
+}
+
+/// A connection taken from the pool for one operation.
+///
+/// If the operation is abandoned (its deadline passed, or the caller went
+/// away) while a query runs, dropping the checkout cancels the query on the
+/// server and throws the connection away instead of returning it.
+pub(crate) struct Checkout {
+    conn: Option<Object>,
+    tls: MakeRustlsConnect,
+}
+
+impl Checkout {
+    /// The client, for the duration of the operation.
+    pub(crate) fn client(&self) -> &deadpool_postgres::ClientWrapper {
+        self.conn
+            .as_ref()
+            .expect("connection present until the checkout ends")
+    }
+
+    /// Throws the connection away (its state is unknown, e.g. inside a
+    /// failed transaction or holding a lock).
+    pub(crate) fn discard(mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(Object::take(conn));
+        }
+    }
+
+    /// Ends the operation: the connection goes back to the pool, unless the
+    /// result shows it is no longer trustworthy.
+    pub(crate) fn finish<T>(mut self, result: &Result<T, Error>) {
+        let conn = self.conn.take().expect("finished once");
+        if matches!(result, Err(e) if e.poisons_connection()) || conn.is_closed() {
+            drop(Object::take(conn));
+        }
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        // Still holding the connection: the operation was abandoned midway.
+        if let Some(conn) = self.conn.take() {
+            let token: CancelToken = conn.cancel_token();
+            drop(Object::take(conn));
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let tls = self.tls.clone();
+                runtime.spawn(async move {
+                    if let Err(e) = token.cancel_query(tls).await {
+                        tracing::debug!(target: "session_pool", error = %e, "could not cancel abandoned query");
+                    }
+                });
+            }
+        }
+    }
+}
+
+type ConnectFuture<'a> = Pin<
+    Box<
+        dyn Future<Output = Result<(tokio_postgres::Client, JoinHandle<()>), tokio_postgres::Error>>
+            + Send
+            + 'a,
+    >,
+>;
+
+/// Opens connections for the pool.
+struct SessionConnector {
+    tls: MakeRustlsConnect,
+    shared: Arc<Shared>,
+    /// `-c TimeZone=UTC -c statement_timeout=...`, after the user's own.
+    options: String,
+}
+
+impl Connect for SessionConnector {
+    fn connect(&self, pg_config: &tokio_postgres::Config) -> ConnectFuture<'_> {
+        let pg_config = pg_config.clone();
+        Box::pin(async move {
+            if self.shared.startup_options.load(Ordering::Relaxed) {
+                let mut with_options = pg_config.clone();
+                with_options.options(self.options.as_str());
+                match with_options.connect(self.tls.clone()).await {
+                    Ok(pair) => return Ok(self.spawn(pair)),
+                    Err(e) if refuses_startup_options(&e) => {
+                        self.shared.startup_options.store(false, Ordering::Relaxed);
+                        tracing::warn!(
+                            target: "session_pool",
+                            "the server refused startup options (a pooler?); \
+                             statement timeouts are now enforced by the client only"
+                        );
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let pair = pg_config.connect(self.tls.clone()).await?;
+            Ok(self.spawn(pair))
+        })
+    }
+}
+
+impl SessionConnector {
+    fn spawn<S>(
+        &self,
+        (client, connection): (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, S>,
+        ),
+    ) -> (tokio_postgres::Client, JoinHandle<()>)
+    where
+        S: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
+    {
+        self.shared.opened_total.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(target: "session_pool", "opened connection");
+        let task = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(target: "session_pool", error = %e, "connection ended");
+            }
+        });
+        (client, task)
+    }
+}
+
+/// PgBouncer answers `unsupported startup parameter: options`; others may
+/// use 08P01 or 42704 for parameters they do not know.
+fn refuses_startup_options(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| {
+        let message = db.message().to_ascii_lowercase();
+        message.contains("unsupported startup parameter")
+            || (message.contains("options") && message.contains("parameter"))
+    })
+}

@@ -1,0 +1,77 @@
+//! Retry with exponential backoff and jitter (backon), for transient errors
+//! only, inside a deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+
+use crate::error::Error;
+
+/// Backoff between attempts of one operation: 50 ms doubling to 1 s, with
+/// jitter. The operation's deadline, not a count, ends the retries.
+pub(crate) fn operation_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(1))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Backoff of the start-up sequence: `first`, then doubling (1 s, 2 s,
+/// 4 s by default), with jitter, `retries` times.
+pub(crate) fn startup_backoff(first: Duration, retries: usize) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(first)
+        .with_max_delay(first.saturating_mul(64))
+        .with_factor(2.0)
+        .with_jitter()
+        .with_max_times(retries)
+        .build()
+}
+
+/// Backoff once start-up retries are spent: keeps trying, at most every 30 s.
+pub(crate) fn background_backoff(first: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(first)
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Runs `attempt` until it succeeds, fails permanently, or `deadline`
+/// passes (then the operation fails with [`Error::QueryTimeout`], and
+/// whatever query was in flight is cancelled by dropping its checkout).
+pub(crate) async fn retry_within<T, F, Fut>(
+    op: &'static str,
+    deadline: Duration,
+    attempt: F,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let retried = attempt
+        .retry(operation_backoff())
+        .sleep(tokio::time::sleep)
+        .when(Error::is_transient)
+        .notify(|error: &Error, delay: Duration| {
+            metrics::counter!("pgsession_retries_total", "op" => op).increment(1);
+            tracing::debug!(
+                target: "session_store",
+                op,
+                error = %error,
+                retry_in_ms = delay.as_millis() as u64,
+                "transient error; retrying"
+            );
+        });
+    match tokio::time::timeout(deadline, retried).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::QueryTimeout {
+            op,
+            after: deadline,
+        }),
+    }
+}

@@ -1,0 +1,201 @@
+//! The session table: checked names, the SQL of every statement, and its
+//! creation under an advisory lock.
+//!
+//! The layout is connect-pg-simple's, so a table made by its `table.sql`
+//! works as it is:
+//!
+//! ```sql
+//! sid varchar PRIMARY KEY, sess json NOT NULL, expire timestamp(6) NOT NULL
+//! -- and an index on expire
+//! ```
+//!
+//! `expire` has no time zone and holds UTC. The statements compare it with
+//! `now() AT TIME ZONE 'UTC'`, so they do not depend on the connection's
+//! `TimeZone` (which a transaction pooler may not keep).
+
+use std::fmt;
+
+/// A schema or table name that is safe to put in SQL: 1 to 63 characters,
+/// ASCII letters, digits and `_`, not starting with a digit. It is always
+/// double-quoted in statements, so case is kept as given.
+///
+/// ```
+/// use pgsession::Identifier;
+/// assert!(Identifier::new("session_store").is_ok());
+/// assert!(Identifier::new("session\"; DROP TABLE users; --").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Identifier(String);
+
+impl Identifier {
+    /// Longest identifier PostgreSQL keeps without truncating it.
+    pub const MAX_LEN: usize = 63;
+
+    /// Checks `name`; the error says what is wrong with it.
+    pub fn new(name: &str) -> Result<Identifier, String> {
+        if name.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if name.len() > Self::MAX_LEN {
+            return Err(format!(
+                "is {} characters long; PostgreSQL identifiers have at most {}",
+                name.len(),
+                Self::MAX_LEN
+            ));
+        }
+        if name.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err("must not start with a digit".into());
+        }
+        if let Some(bad) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
+        {
+            return Err(format!(
+                "contains {bad:?}; only ASCII letters, digits and _ are allowed"
+            ));
+        }
+        Ok(Identifier(name.to_owned()))
+    }
+
+    /// The name as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name quoted for SQL. Safe because of the checks in [`new`](Self::new).
+    pub fn quoted(&self) -> String {
+        format!("\"{}\"", self.0)
+    }
+}
+
+impl fmt::Debug for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The current time in UTC as a `timestamp` (no time zone), on the server.
+const NOW_UTC: &str = "(now() AT TIME ZONE 'UTC')";
+
+/// Every statement the store sends, built once from the table's name.
+#[derive(Debug, Clone)]
+pub(crate) struct Statements {
+    /// `schema.table`, quoted.
+    pub(crate) qualified: String,
+    /// `schema.table`, unquoted: the key of the advisory locks.
+    pub(crate) lock_name: String,
+    pub(crate) load: String,
+    pub(crate) save: String,
+    pub(crate) touch: String,
+    pub(crate) destroy: String,
+    pub(crate) count: String,
+    pub(crate) count_expired: String,
+    pub(crate) clear: String,
+    pub(crate) prune_batch: String,
+    pub(crate) table_exists: String,
+    pub(crate) create_schema: String,
+    pub(crate) create_table: String,
+    pub(crate) expire_index_exists: String,
+    pub(crate) create_index: String,
+}
+
+impl Statements {
+    pub(crate) fn new(schema: &Identifier, table: &Identifier) -> Statements {
+        let t = format!("{}.{}", schema.quoted(), table.quoted());
+        // connect-pg-simple's table.sql names its index IDX_session_expire
+        // for the table "session"; following its pattern means an existing
+        // table never gets a second index.
+        let index = Identifier(
+            format!("IDX_{}_expire", table.as_str())
+                .chars()
+                .take(63)
+                .collect(),
+        );
+        Statements {
+            lock_name: format!("{schema}.{table}"),
+            load: format!(
+                "SELECT sess::text, expire FROM {t} WHERE sid = $1 AND expire >= {NOW_UTC}"
+            ),
+            save: format!(
+                "INSERT INTO {t} (sid, sess, expire) VALUES ($1, $2::text::json, $3) \
+                 ON CONFLICT (sid) DO UPDATE SET sess = EXCLUDED.sess, expire = EXCLUDED.expire"
+            ),
+            touch: format!("UPDATE {t} SET expire = $2 WHERE sid = $1"),
+            destroy: format!("DELETE FROM {t} WHERE sid = $1"),
+            count: format!("SELECT count(*) FROM {t} WHERE expire >= {NOW_UTC}"),
+            count_expired: format!("SELECT count(*) FROM {t} WHERE expire < {NOW_UTC}"),
+            clear: format!("DELETE FROM {t}"),
+            // One bounded batch: short locks, no table-wide DELETE. SKIP
+            // LOCKED lets it pass rows a request is writing right now.
+            prune_batch: format!(
+                "DELETE FROM {t} WHERE sid = ANY(ARRAY(\
+                 SELECT sid FROM {t} WHERE expire < {NOW_UTC} LIMIT $1 FOR UPDATE SKIP LOCKED))"
+            ),
+            table_exists: "SELECT to_regclass($1) IS NOT NULL".into(),
+            create_schema: format!("CREATE SCHEMA IF NOT EXISTS {}", schema.quoted()),
+            create_table: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (\
+                 sid varchar NOT NULL COLLATE \"default\" PRIMARY KEY, \
+                 sess json NOT NULL, \
+                 expire timestamp(6) NOT NULL)"
+            ),
+            expire_index_exists: "SELECT EXISTS (SELECT 1 FROM pg_index i \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                 WHERE i.indrelid = to_regclass($1) AND a.attname = 'expire')"
+                .into(),
+            create_index: format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {t} (expire)",
+                index.quoted()
+            ),
+            qualified: t,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_checked() {
+        for good in [
+            "session",
+            "session_store",
+            "_x",
+            "Sessions2",
+            &"a".repeat(63),
+        ] {
+            assert!(Identifier::new(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a b",
+            "a\"b",
+            "a;b",
+            "sessions; DROP TABLE users",
+            "é",
+            &"a".repeat(64),
+        ] {
+            assert!(Identifier::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn statements_quote_names() {
+        let s = Statements::new(
+            &Identifier::new("auth").unwrap(),
+            &Identifier::new("Sess").unwrap(),
+        );
+        assert_eq!(s.qualified, "\"auth\".\"Sess\"");
+        assert!(s.load.contains("FROM \"auth\".\"Sess\" WHERE sid = $1"));
+        assert!(s.create_index.contains("\"IDX_Sess_expire\""));
+    }
+}

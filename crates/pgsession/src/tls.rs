@@ -1,0 +1,187 @@
+//! TLS for the session pool: a rustls client (ring, no aws-lc, no OpenSSL)
+//! that verifies certificates as the `sslmode` of [`TlsConfig`] asks.
+//!
+//! `require`, `verify-ca` and `verify-full` all verify the chain; all but
+//! `verify-ca` check the host name. `prefer` encrypts when it can without
+//! checking, as libpq does. Skipping verification anywhere takes
+//! [`ConfigBuilder::danger_accept_invalid_certs`](crate::ConfigBuilder::danger_accept_invalid_certs),
+//! and every connection made that way logs a warning.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::{ConfigError, SslMode, TlsConfig};
+
+/// Builds the connector for the pool from the TLS settings.
+pub(crate) fn connector(tls: &TlsConfig) -> Result<MakeRustlsConnect, ConfigError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::invalid("sslmode", e.to_string()))?;
+
+    let verifier: Arc<dyn ServerCertVerifier> =
+        if tls.accept_invalid_certs || tls.mode == SslMode::Prefer {
+            Arc::new(AcceptAnyCertificate {
+                provider: provider.clone(),
+                warn: tls.accept_invalid_certs,
+            })
+        } else {
+            let roots = Arc::new(root_store(tls)?);
+            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| ConfigError::invalid("sslrootcert", e.to_string()))?;
+            if tls.mode == SslMode::VerifyCa {
+                Arc::new(IgnoreHostName(webpki))
+            } else {
+                webpki
+            }
+        };
+
+    let mut config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.enable_sni = tls.sni;
+    Ok(MakeRustlsConnect::new(config))
+}
+
+fn root_store(tls: &TlsConfig) -> Result<RootCertStore, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    match &tls.root_cert {
+        Some(path) => {
+            let bad = |reason: String| {
+                ConfigError::invalid("sslrootcert", format!("{}: {reason}", path.display()))
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            let (added, _ignored) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(bad("no usable certificate in the file".into()));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(roots)
+}
+
+/// `verify-ca`: the chain must lead to a trusted CA; the name may differ.
+#[derive(Debug)]
+struct IgnoreHostName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for IgnoreHostName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `prefer`, or the explicit insecure opt-in: any certificate is accepted,
+/// but the handshake signatures are still checked.
+#[derive(Debug)]
+struct AcceptAnyCertificate {
+    provider: Arc<CryptoProvider>,
+    /// Whether this is the operator's opt-in (warned about) rather than
+    /// `sslmode=prefer`.
+    warn: bool,
+}
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.warn {
+            tracing::warn!(
+                target: "session_pool",
+                server = %server_name.to_str(),
+                "TLS certificate NOT verified (danger_accept_invalid_certs / PGSESSION_TLS_INSECURE is on)"
+            );
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

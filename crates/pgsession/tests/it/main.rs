@@ -1,0 +1,16 @@
+//! Integration tests of the store engine against a real PostgreSQL: a
+//! throwaway cluster started by the test kit, or `DATABASE_URL` when set.
+
+// Helpers shared by the modules below.
+mod common;
+
+// The operations and what they leave in the table.
+mod operations;
+// Table creation, existing tables, names.
+mod schema;
+// Start-up with the database away, and many instances at once.
+mod startup;
+// Pruning of expired rows.
+mod prune;
+// The pool: maximum uses, idle timeout, warm minimum.
+mod pool;

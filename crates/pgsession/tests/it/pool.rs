@@ -1,0 +1,158 @@
+//! The dedicated pool: connections replaced after their maximum uses, idle
+//! ones closed, a warm minimum, the session settings, and the query timeout.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+async fn backends(db: &pgsession_testkit::TestDb, app: &str) -> i64 {
+    let client = db.client().await.unwrap();
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn wait_for(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_connection_is_replaced_after_its_maximum_uses() {
+    let db = test_db().await;
+    let url = format!("{}?application_name=maxuses", db.url());
+    let store = store_with(config(&url).pool_size(1).min_idle(0).max_uses(3)).await;
+    // ready() used the first connection once.
+    assert_eq!(store.pool_status().opened_total, 1);
+    for _ in 0..8 {
+        store.load("sid").await.unwrap();
+    }
+    // 9 uses at 3 per connection.
+    assert_eq!(store.pool_status().opened_total, 3);
+    assert!(
+        backends(&db, "maxuses").await <= 1,
+        "replaced connections are closed"
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_down_to_the_warm_minimum() {
+    let db = test_db().await;
+    let url = format!("{}?application_name=idler", db.url());
+    let store = store_with(
+        config(&url)
+            .pool_size(4)
+            .min_idle(1)
+            .idle_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    // Four concurrent operations open four connections.
+    let loads = (0..4).map(|_| store.load("sid"));
+    let busy = futures_util::future::join_all(loads.map(|f| async {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        f.await
+    }));
+    let db_client = db.client().await.unwrap();
+    // Hold a lock so the four loads wait on the server together.
+    db_client
+        .batch_execute("BEGIN; LOCK TABLE session_store IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let release = async {
+        wait_for("four busy connections", async || {
+            backends(&db, "idler").await == 4
+        })
+        .await;
+        db_client.batch_execute("COMMIT").await.unwrap();
+    };
+    let (results, ()) = tokio::join!(busy, release);
+    assert!(results.iter().all(|r| r.is_ok()));
+    assert_eq!(store.pool_status().size, 4);
+
+    wait_for("idle connections to close", async || {
+        store.pool_status().size == 1
+    })
+    .await;
+    wait_for("the server to see one connection", async || {
+        backends(&db, "idler").await == 1
+    })
+    .await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn the_warm_minimum_is_opened_without_traffic() {
+    let db = test_db().await;
+    let url = format!("{}?application_name=warm", db.url());
+    let store = store_with(config(&url).pool_size(5).min_idle(3)).await;
+    wait_for("three warm connections", async || {
+        store.pool_status().size >= 3
+    })
+    .await;
+    wait_for("the server to see them", async || {
+        backends(&db, "warm").await >= 3
+    })
+    .await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn connections_use_utc_and_the_statement_timeout() {
+    let db = test_db().await;
+    let store = store_with(config(db.url()).statement_timeout(Duration::from_secs(7))).await;
+    let info = store.server_info().await.unwrap();
+    assert_eq!(info.time_zone, "UTC");
+    assert_eq!(info.statement_timeout, "7s");
+    assert!(info.version.starts_with("PostgreSQL"), "{}", info.version);
+    assert!(store.server_statement_timeout());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_query_past_the_timeout_is_cancelled_on_the_server() {
+    let db = test_db().await;
+    let url = format!("{}?application_name=slow", db.url());
+    let store = store_with(config(&url).query_timeout(Duration::from_secs(1))).await;
+    let locker = db.client().await.unwrap();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE session_store IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let err = store.save("sid", "{}", in_secs(60)).await.unwrap_err();
+    assert!(
+        matches!(err, pgsession::Error::QueryTimeout { .. }),
+        "{err}"
+    );
+    // The server no longer runs the abandoned statement.
+    wait_for("the query to be cancelled", async || {
+        let waiting: i64 = locker
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'slow' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting == 0
+    })
+    .await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    store
+        .save("sid", "{}", in_secs(60))
+        .await
+        .expect("works again once the lock is gone");
+    store.close().await;
+}

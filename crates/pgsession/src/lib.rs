@@ -9,18 +9,24 @@
 //!   and stored documents a Node service can share;
 //! - the HTTP layer: a tower `Layer` and an axum extractor.
 
+mod backend;
 pub mod config;
 pub mod cookie;
 mod error;
+mod memory;
 mod pool;
 pub mod record;
 mod resilience;
 mod schema;
 mod store;
 mod tls;
+#[cfg(feature = "tower-sessions")]
+pub mod tower_sessions;
 
 pub use config::{Config, ConfigBuilder, ConfigError, PoolerMode, SslMode, TlsConfig};
+pub use backend::SessionBackend;
 pub use error::{Error, ErrorKind};
+pub use memory::MemoryStore;
 pub use pool::PoolStatus;
 pub use schema::Identifier;
 pub use store::{PruneOutcome, ServerInfo, Store, StoredSession};

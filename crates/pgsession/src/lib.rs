@@ -13,6 +13,7 @@ mod backend;
 pub mod config;
 pub mod cookie;
 mod error;
+pub mod http;
 mod memory;
 mod pool;
 pub mod record;
@@ -23,8 +24,8 @@ mod tls;
 #[cfg(feature = "tower-sessions")]
 pub mod tower_sessions;
 
-pub use config::{Config, ConfigBuilder, ConfigError, PoolerMode, SslMode, TlsConfig};
 pub use backend::SessionBackend;
+pub use config::{Config, ConfigBuilder, ConfigError, PoolerMode, SslMode, TlsConfig};
 pub use error::{Error, ErrorKind};
 pub use memory::MemoryStore;
 pub use pool::PoolStatus;

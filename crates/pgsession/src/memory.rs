@@ -60,7 +60,9 @@ impl MemoryStore {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, StoredSession>> {
         // A panic while holding the lock cannot leave the map half-written
         // (every change is one insert or remove), so poisoning is ignored.
-        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -79,7 +81,13 @@ impl SessionBackend for MemoryStore {
     }
 
     async fn save(&self, sid: &str, json: &str, expire: OffsetDateTime) -> Result<(), Error> {
-        self.map().insert(sid.to_owned(), StoredSession { json: json.to_owned(), expire });
+        self.map().insert(
+            sid.to_owned(),
+            StoredSession {
+                json: json.to_owned(),
+                expire,
+            },
+        );
         Ok(())
     }
 

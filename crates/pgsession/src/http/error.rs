@@ -1,0 +1,89 @@
+//! What a handler gets when its session cannot be read or written, and the
+//! response that error becomes.
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::record::RecordError;
+use crate::Error;
+
+/// A session operation failed.
+///
+/// As a response: 503 with `Retry-After: 1` when the store is unavailable,
+/// 413 when the session is over its size limit, 500 otherwise; each with a
+/// JSON body `{"error": "..."}`. An application that wants to go on without
+/// a session can match on it instead.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The store could not be reached or failed.
+    #[error("session store unavailable: {0}")]
+    Store(#[from] Error),
+    /// The session grew over the configured limit.
+    #[error("session is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Serialized size, in bytes.
+        size: usize,
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// A value could not be stored (e.g. the reserved key `cookie`).
+    #[error("invalid session value: {0}")]
+    Value(#[source] RecordError),
+}
+
+impl From<RecordError> for SessionError {
+    fn from(error: RecordError) -> Self {
+        match error {
+            RecordError::TooLarge { size, limit } => SessionError::TooLarge { size, limit },
+            other => SessionError::Value(other),
+        }
+    }
+}
+
+impl SessionError {
+    /// The status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            SessionError::Store(Error::TooLarge { .. }) | SessionError::TooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            SessionError::Store(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            SessionError::Store(_) | SessionError::Value(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The error as an HTTP response with a JSON body.
+    pub fn to_response<B: From<String>>(&self) -> Response<B> {
+        let status = self.status();
+        let message = match status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                "session store unavailable, try again shortly".to_owned()
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => self.to_string(),
+            _ => "session error".to_owned(),
+        };
+        let body = serde_json::json!({ "error": message }).to_string();
+        let mut response = Response::new(B::from(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for SessionError {
+    fn into_response(self) -> axum::response::Response {
+        if self.status().is_server_error() {
+            tracing::warn!(target: "session_store", error = %self, "session unavailable for this request");
+        }
+        self.to_response()
+    }
+}

@@ -182,10 +182,10 @@ impl ExpiredDeletion for TowerSessionStore {
 /// The express-session document for `record`, saved at `now`.
 ///
 /// tower-sessions keeps only the expiry date, so `originalMaxAge` is the
-/// lifetime left at `now` (what express-session's `maxAge` would say), never
-/// negative; `expires` is the expiry date itself.
+/// lifetime left at `now` (what express-session's `maxAge` would say) to the
+/// nearest millisecond, never negative; `expires` is the expiry date itself.
 fn encode(record: &Record, now: OffsetDateTime) -> session_store::Result<String> {
-    let remaining = (record.expiry_date - now).whole_milliseconds().max(0);
+    let remaining = ((record.expiry_date - now).whole_microseconds() + 500).max(0) / 1000;
     let cookie = CookieData {
         original_max_age: Some(i64::try_from(remaining).unwrap_or(i64::MAX)),
         expires: Some(record.expiry_date),

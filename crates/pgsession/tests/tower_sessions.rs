@@ -5,6 +5,7 @@
 //! Run with `cargo test -p pgsession --features tower-sessions --test tower_sessions`.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use axum::body::Body;
@@ -47,6 +48,28 @@ fn record(data: &[(&str, Value)], expiry_date: OffsetDateTime) -> Record {
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect(),
         expiry_date,
+    }
+}
+
+/// What a test's log subscriber wrote.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn take(&self) -> String {
+        let bytes = std::mem::take(&mut *self.0.lock().unwrap());
+        String::from_utf8(bytes).unwrap()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -261,18 +284,34 @@ async fn node_documents_load_and_unreadable_ones_are_no_session() {
     // The expiry is the column's (an hour away), not the cookie's.
     assert!((loaded.expiry_date - in_secs(3600)).abs() < Duration::minutes(1));
 
+    // Unreadable documents: no session, and a warning that quotes neither
+    // the id in full nor the data.
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     for doc in [
-        r#"[1,2]"#,
-        r#""text""#,
+        r#"[1,"hunter2"]"#,
+        r#""hunter2""#,
         "null",
-        r#"{"cookie":5,"user":"x"}"#,
+        r#"{"cookie":5,"user":"hunter2"}"#,
+        r#"{"user":"hunter2""#,
     ] {
         let id = Id::default();
-        client
-            .execute(insert, &[&id.to_string(), &doc])
-            .await
-            .unwrap();
+        let sid = id.to_string();
+        client.execute(insert, &[&sid, &doc]).await.unwrap();
         assert_eq!(sessions.load(&id).await.unwrap(), None, "{doc}");
+        let text = logs.take();
+        assert!(text.contains("WARN"), "{doc}: {text}");
+        assert!(text.contains("unreadable"), "{doc}: {text}");
+        assert!(text.contains(&sid[..4]), "{doc}: {text}");
+        assert!(!text.contains(&sid[..8]), "{doc}: {text}");
+        assert!(!text.contains("hunter2"), "{doc}: {text}");
     }
     store.close().await;
 }

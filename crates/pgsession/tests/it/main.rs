@@ -14,3 +14,5 @@ mod startup;
 mod prune;
 // The pool: maximum uses, idle timeout, warm minimum.
 mod pool;
+// The HTTP layer on the real store.
+mod http;

@@ -173,6 +173,13 @@ pub struct Config {
     pub(crate) max_session_bytes: usize,
     pub(crate) health_check_interval: Duration,
     pub(crate) slow_check_threshold: Duration,
+    pub(crate) breaker_threshold: u32,
+    pub(crate) breaker_cool_down: Duration,
+    pub(crate) breaker_max_cool_down: Duration,
+    pub(crate) cache_max_entries: usize,
+    pub(crate) cache_max_bytes: usize,
+    pub(crate) journal_max_entries: usize,
+    pub(crate) spool_dir: PathBuf,
 }
 
 impl Config {
@@ -297,6 +304,38 @@ impl Config {
     pub fn slow_check_threshold(&self) -> Duration {
         self.slow_check_threshold
     }
+    /// Transient failures in a row that open the circuit breaker. Default: 5.
+    pub fn breaker_threshold(&self) -> u32 {
+        self.breaker_threshold
+    }
+    /// First wait before the open breaker lets a probe through; doubled
+    /// after each failed probe. Default: 1 s.
+    pub fn breaker_cool_down(&self) -> Duration {
+        self.breaker_cool_down
+    }
+    /// Ceiling of the breaker's cool-down. Default: 30 s.
+    pub fn breaker_max_cool_down(&self) -> Duration {
+        self.breaker_max_cool_down
+    }
+    /// Sessions kept in the fallback cache (0 turns the cache off).
+    /// Default: 10,000.
+    pub fn cache_max_entries(&self) -> usize {
+        self.cache_max_entries
+    }
+    /// Bytes of session documents kept in the fallback cache. Default: 16 MiB.
+    pub fn cache_max_bytes(&self) -> usize {
+        self.cache_max_bytes
+    }
+    /// Sessions whose writes may wait in the journal during an outage;
+    /// past this, writes of further sessions are refused. Default: 100,000.
+    pub fn journal_max_entries(&self) -> usize {
+        self.journal_max_entries
+    }
+    /// Where the journal is spooled when the process stops during an
+    /// outage, and read back at the next start. Default: `.pgsession`.
+    pub fn spool_dir(&self) -> &std::path::Path {
+        &self.spool_dir
+    }
     /// TLS settings.
     pub fn tls(&self) -> &TlsConfig {
         &self.tls
@@ -361,6 +400,13 @@ impl fmt::Debug for Config {
             .field("max_session_bytes", &self.max_session_bytes)
             .field("health_check_interval", &self.health_check_interval)
             .field("slow_check_threshold", &self.slow_check_threshold)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_cool_down", &self.breaker_cool_down)
+            .field("breaker_max_cool_down", &self.breaker_max_cool_down)
+            .field("cache_max_entries", &self.cache_max_entries)
+            .field("cache_max_bytes", &self.cache_max_bytes)
+            .field("journal_max_entries", &self.journal_max_entries)
+            .field("spool_dir", &self.spool_dir)
             .finish()
     }
 }
@@ -395,6 +441,13 @@ pub struct ConfigBuilder {
     max_session_bytes: usize,
     health_check_interval: Duration,
     slow_check_threshold: Duration,
+    breaker_threshold: u32,
+    breaker_cool_down: Duration,
+    breaker_max_cool_down: Duration,
+    cache_max_entries: usize,
+    cache_max_bytes: usize,
+    journal_max_entries: usize,
+    spool_dir: PathBuf,
 }
 
 impl Default for ConfigBuilder {
@@ -424,6 +477,13 @@ impl Default for ConfigBuilder {
             max_session_bytes: 64 * 1024,
             health_check_interval: Duration::from_secs(30),
             slow_check_threshold: Duration::from_secs(1),
+            breaker_threshold: 5,
+            breaker_cool_down: Duration::from_secs(1),
+            breaker_max_cool_down: Duration::from_secs(30),
+            cache_max_entries: 10_000,
+            cache_max_bytes: 16 * 1024 * 1024,
+            journal_max_entries: 100_000,
+            spool_dir: PathBuf::from(".pgsession"),
         }
     }
 }
@@ -463,6 +523,13 @@ pub const ENV_SETTINGS: &[(&str, &str)] = &[
     ("PGSESSION_MAX_SESSION_BYTES", "max_session_bytes"),
     ("PGSESSION_HEALTH_CHECK_INTERVAL", "health_check_interval"),
     ("PGSESSION_SLOW_CHECK_THRESHOLD", "slow_check_threshold"),
+    ("PGSESSION_BREAKER_THRESHOLD", "breaker_threshold"),
+    ("PGSESSION_BREAKER_COOL_DOWN", "breaker_cool_down"),
+    ("PGSESSION_BREAKER_MAX_COOL_DOWN", "breaker_max_cool_down"),
+    ("PGSESSION_CACHE_MAX_ENTRIES", "cache_max_entries"),
+    ("PGSESSION_CACHE_MAX_BYTES", "cache_max_bytes"),
+    ("PGSESSION_JOURNAL_MAX_ENTRIES", "journal_max_entries"),
+    ("PGSESSION_SPOOL_DIR", "spool_dir"),
     ("PGSESSION_TLS_INSECURE", "tls_insecure"),
 ];
 
@@ -504,6 +571,18 @@ impl ConfigBuilder {
             "max_session_bytes" => self.max_session_bytes(count()?),
             "health_check_interval" => self.health_check_interval(duration()?),
             "slow_check_threshold" => self.slow_check_threshold(duration()?),
+            "breaker_threshold" => {
+                let n = count()?;
+                self.breaker_threshold(
+                    u32::try_from(n).map_err(|_| ConfigError::invalid(setting, "too large"))?,
+                )
+            }
+            "breaker_cool_down" => self.breaker_cool_down(duration()?),
+            "breaker_max_cool_down" => self.breaker_max_cool_down(duration()?),
+            "cache_max_entries" => self.cache_max_entries(count()?),
+            "cache_max_bytes" => self.cache_max_bytes(count()?),
+            "journal_max_entries" => self.journal_max_entries(count()?),
+            "spool_dir" => self.spool_dir(value),
             "tls_insecure" => self.danger_accept_invalid_certs(parse_bool(setting, value)?),
             other => return Err(ConfigError::invalid(other, "no such setting")),
         })
@@ -650,6 +729,41 @@ impl ConfigBuilder {
         self.slow_check_threshold = threshold;
         self
     }
+    /// See [`Config::breaker_threshold`].
+    pub fn breaker_threshold(mut self, failures: u32) -> Self {
+        self.breaker_threshold = failures;
+        self
+    }
+    /// See [`Config::breaker_cool_down`].
+    pub fn breaker_cool_down(mut self, cool_down: Duration) -> Self {
+        self.breaker_cool_down = cool_down;
+        self
+    }
+    /// See [`Config::breaker_max_cool_down`].
+    pub fn breaker_max_cool_down(mut self, cool_down: Duration) -> Self {
+        self.breaker_max_cool_down = cool_down;
+        self
+    }
+    /// See [`Config::cache_max_entries`].
+    pub fn cache_max_entries(mut self, entries: usize) -> Self {
+        self.cache_max_entries = entries;
+        self
+    }
+    /// See [`Config::cache_max_bytes`].
+    pub fn cache_max_bytes(mut self, bytes: usize) -> Self {
+        self.cache_max_bytes = bytes;
+        self
+    }
+    /// See [`Config::journal_max_entries`].
+    pub fn journal_max_entries(mut self, entries: usize) -> Self {
+        self.journal_max_entries = entries;
+        self
+    }
+    /// See [`Config::spool_dir`].
+    pub fn spool_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.spool_dir = dir.into();
+        self
+    }
     /// Accepts any server certificate. Only for tests and for servers whose
     /// certificate cannot be checked; a warning is logged at every connect.
     pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
@@ -670,6 +784,13 @@ impl ConfigBuilder {
         positive("max_uses", self.max_uses)?;
         positive("prune_batch_size", self.prune_batch_size)?;
         positive("max_session_bytes", self.max_session_bytes)?;
+        positive("breaker_threshold", self.breaker_threshold as usize)?;
+        if self.breaker_max_cool_down < self.breaker_cool_down {
+            return Err(ConfigError::invalid(
+                "breaker_max_cool_down",
+                "is shorter than breaker_cool_down",
+            ));
+        }
         if self.min_idle > self.pool_size {
             return Err(ConfigError::invalid(
                 "min_idle",
@@ -699,6 +820,7 @@ impl ConfigBuilder {
             ("lifetime", self.lifetime),
             ("prune_interval", self.prune_interval),
             ("health_check_interval", self.health_check_interval),
+            ("breaker_cool_down", self.breaker_cool_down),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::invalid(setting, "must be more than zero"));
@@ -740,6 +862,13 @@ impl ConfigBuilder {
             max_session_bytes: self.max_session_bytes,
             health_check_interval: self.health_check_interval,
             slow_check_threshold: self.slow_check_threshold,
+            breaker_threshold: self.breaker_threshold,
+            breaker_cool_down: self.breaker_cool_down,
+            breaker_max_cool_down: self.breaker_max_cool_down,
+            cache_max_entries: self.cache_max_entries,
+            cache_max_bytes: self.cache_max_bytes,
+            journal_max_entries: self.journal_max_entries,
+            spool_dir: self.spool_dir,
         })
     }
 }

@@ -44,9 +44,13 @@ pub(crate) fn background_backoff(first: Duration) -> impl Iterator<Item = Durati
 /// Runs `attempt` until it succeeds, fails permanently, or `deadline`
 /// passes (then the operation fails with [`Error::QueryTimeout`], and
 /// whatever query was in flight is cancelled by dropping its checkout).
+///
+/// `on_error` sees every failed attempt. [`Error::Unavailable`] (the breaker
+/// opened meanwhile) ends the retries at once.
 pub(crate) async fn retry_within<T, F, Fut>(
     op: &'static str,
     deadline: Duration,
+    on_error: impl Fn(&Error),
     attempt: F,
 ) -> Result<T, Error>
 where
@@ -56,7 +60,10 @@ where
     let retried = attempt
         .retry(operation_backoff())
         .sleep(tokio::time::sleep)
-        .when(Error::is_transient)
+        .when(|error: &Error| {
+            on_error(error);
+            error.is_transient() && !matches!(error, Error::Unavailable)
+        })
         .notify(|error: &Error, delay: Duration| {
             metrics::counter!("pgsession_retries_total", "op" => op).increment(1);
             tracing::debug!(

@@ -131,7 +131,7 @@ async fn a_query_past_the_timeout_is_cancelled_on_the_server() {
         .await
         .unwrap();
 
-    let err = store.save("sid", "{}", in_secs(60)).await.unwrap_err();
+    let err = store.load("sid").await.unwrap_err();
     assert!(
         matches!(err, pgsession::Error::QueryTimeout { .. }),
         "{err}"

@@ -1,0 +1,363 @@
+//! `pgsession-bench`: benchmarks of pgsession.
+//!
+//! - `http`: the reference server (`pgsession serve`) and a peer built on
+//!   axum + tower-sessions + tower-sessions-sqlx-store, one after the other on
+//!   the same database, each in a fresh child process per workload, driven by
+//!   the same load ([`load`]); prints requests/s, latencies, errors, each
+//!   server's peak RSS and the ratios ([`report`]).
+//! - `store`: `pgsession::Store` alone against pgbench ([`store_bench`]).
+//! - `peer-server`: the peer ([`peer`]), run by `http` as a child process.
+//!
+//! The database is a throwaway PostgreSQL cluster unless `DATABASE_URL` (or
+//! `--database-url`) names a server; then a fresh database is made there.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use pgsession_testkit::TestDb;
+
+mod load;
+mod peer;
+mod report;
+mod store_bench;
+
+use load::Workload;
+use report::ServerKind;
+
+/// Benchmarks of pgsession against a tower-sessions peer and pgbench.
+#[derive(Debug, Parser)]
+#[command(name = "pgsession-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Drive `pgsession serve` and the peer server with the same HTTP load.
+    Http(HttpArgs),
+    /// Measure `pgsession::Store` load and save beside pgbench.
+    Store(store_bench::StoreArgs),
+    /// Run the peer server (axum + tower-sessions + sqlx store).
+    PeerServer(peer::PeerArgs),
+}
+
+/// `pgsession-bench http`.
+#[derive(Debug, clap::Args)]
+struct HttpArgs {
+    /// Measured time of each workload on each server: 10s, 500ms, 1m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Unmeasured load before the measured time.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Concurrent connections, each with its own session cookie.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Workloads to run, in order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "read,rolling,write,login"
+    )]
+    workloads: Vec<Workload>,
+    /// Servers to drive, in order, for each workload.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "pgsession,peer"
+    )]
+    servers: Vec<ServerKind>,
+    /// Threads of the load generator (the servers and PostgreSQL share the
+    /// machine with it).
+    #[arg(long, default_value_t = 1)]
+    client_threads: usize,
+    /// PostgreSQL server to use (a fresh database is created on it and
+    /// dropped at the end); without it, a throwaway cluster is started.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// The `pgsession` binary. Default: target/release/pgsession, built
+    /// first with `cargo build --release -p pgsession-cli`.
+    #[arg(long)]
+    pgsession_bin: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Http(args) = &cli.command {
+        // The load generator's threads: the rest of the machine is the servers'.
+        runtime.worker_threads(args.client_threads.max(1));
+    }
+    let runtime = runtime.enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Http(args) => http(args).await,
+            Command::Store(args) => {
+                println!("{}\n", report::machine());
+                let rows = store_bench::run(args).await?;
+                println!("{}", report::store_table(&rows));
+                Ok(())
+            }
+            Command::PeerServer(args) => peer::serve(args).await,
+        }
+    })
+}
+
+/// `10s`, `500ms`, `1m` or a number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or((text, "s"), |at| text.split_at(at));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 10s or 500ms"))?;
+    let seconds = match unit {
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?} (use ms, s or m)"
+            ))
+        }
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// A fresh database on `url`'s server, or in a throwaway cluster.
+async fn database(url: Option<&str>) -> anyhow::Result<TestDb> {
+    let db = match url.filter(|u| !u.trim().is_empty()) {
+        Some(url) => TestDb::on_server(url).await?,
+        None => TestDb::throwaway().await?,
+    };
+    eprintln!("database: {}", db.url());
+    Ok(db)
+}
+
+/// The `http` mode: every workload on every server, each run on a fresh
+/// server process, then the tables.
+async fn http(args: HttpArgs) -> anyhow::Result<()> {
+    let pgsession_bin = match &args.pgsession_bin {
+        Some(path) => path.clone(),
+        None => build_pgsession()?,
+    };
+    let db = database(args.database_url.as_deref()).await?;
+    let logs = tempfile::Builder::new()
+        .prefix("pgsession-bench-")
+        .tempdir()?;
+    let mut rows = Vec::new();
+    for &workload in &args.workloads {
+        for &server in &args.servers {
+            eprintln!("{} on {} ...", workload.name(), server.name());
+            let rolling = workload == Workload::Rolling;
+            let log = logs
+                .path()
+                .join(format!("{}-{}.log", server.name(), workload.name()));
+            let mut process =
+                ServerProcess::start(server, &pgsession_bin, db.url(), rolling, &log).await?;
+            let plan = load::LoadPlan {
+                addr: process.addr,
+                workload,
+                connections: args.connections,
+                warmup: args.warmup,
+                duration: args.duration,
+            };
+            let result = load::run(&plan).await;
+            let peak_rss_kib = process.peak_rss_kib();
+            process.stop().await;
+            let load = result.with_context(|| process.log_tail())?;
+            if load.errors > 0 || load.setup_errors > 0 {
+                eprintln!("  errors; the server's log:\n{}", process.log_tail());
+            }
+            rows.push(report::HttpRow {
+                workload,
+                server,
+                load,
+                peak_rss_kib,
+            });
+            settle(&db).await;
+        }
+    }
+    println!("{}", report::machine());
+    println!(
+        "{} connections, warm-up {:?}, measured {:?} per workload and server\n",
+        args.connections, args.warmup, args.duration
+    );
+    println!("{}", report::http_table(&rows));
+    Ok(())
+}
+
+/// Between runs: dead rows vacuumed and dirty pages written, so that one
+/// run does not pay for the previous one.
+async fn settle(db: &TestDb) {
+    if let Ok(client) = db.client().await {
+        let _ = client.batch_execute("VACUUM ANALYZE").await;
+        let _ = client.batch_execute("CHECKPOINT").await;
+    }
+}
+
+/// `target/release/pgsession`, after `cargo build --release -p
+/// pgsession-cli` (a no-op when it is up to date). A failed build is
+/// fatal only when there is no binary at all.
+fn build_pgsession() -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or(root.join("target"), PathBuf::from);
+    let bin = target.join("release/pgsession");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building pgsession-cli (cargo build --release -p pgsession-cli) ...");
+    let built = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "pgsession-cli"])
+        .current_dir(&root)
+        .status()
+        .is_ok_and(|status| status.success());
+    match (built, bin.is_file()) {
+        (_, false) => bail!(
+            "no pgsession binary at {}: `cargo build --release -p pgsession-cli` failed",
+            bin.display()
+        ),
+        (false, true) => {
+            eprintln!(
+                "warning: the build failed; using the existing {}",
+                bin.display()
+            )
+        }
+        (true, true) => {}
+    }
+    Ok(bin)
+}
+
+/// A server under test, in a child process of its own.
+struct ServerProcess {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `kind` on a free port and waits until `GET /healthz` answers.
+    async fn start(
+        kind: ServerKind,
+        pgsession_bin: &Path,
+        database_url: &str,
+        rolling: bool,
+        log: &Path,
+    ) -> anyhow::Result<ServerProcess> {
+        let addr = free_addr()?;
+        let mut command = match kind {
+            ServerKind::Pgsession => {
+                let mut command = tokio::process::Command::new(pgsession_bin);
+                command
+                    .arg("serve")
+                    .env("DATABASE_URL", database_url)
+                    .env(
+                        "PGSESSION_SECRET",
+                        "pgsession-bench-secret-0123456789abcdef",
+                    )
+                    .env("PGSESSION_LISTEN", addr.to_string())
+                    .env("PGSESSION_COOKIE_SECURE", "false");
+                if rolling {
+                    command.env("PGSESSION_ROLLING", "true");
+                }
+                command
+            }
+            ServerKind::Peer => {
+                let mut command = tokio::process::Command::new(std::env::current_exe()?);
+                command
+                    .args(["peer-server", "--listen", &addr.to_string()])
+                    .args(["--database-url", database_url]);
+                if rolling {
+                    command.arg("--always-save");
+                }
+                command
+            }
+        };
+        let log_file = std::fs::File::create(log)?;
+        command
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", kind.name()))?;
+        let mut process = ServerProcess {
+            child,
+            addr,
+            log: log.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if load::healthy(addr).await {
+                return Ok(process);
+            }
+            if let Ok(Some(status)) = process.child.try_wait() {
+                bail!("{} exited ({status}):\n{}", kind.name(), process.log_tail());
+            }
+            if Instant::now() > deadline {
+                process.stop().await;
+                bail!(
+                    "{} did not answer /healthz within 60 s:\n{}",
+                    kind.name(),
+                    process.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The process's peak resident set (`VmHWM` in /proc/PID/status), KiB.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s.
+    async fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            let exited = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+            if exited.is_ok() {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+
+    /// The last lines the server wrote.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl std::fmt::Debug for ServerProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerProcess")
+            .field("pid", &self.child.id())
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// A loopback address whose port was free a moment ago.
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
+}

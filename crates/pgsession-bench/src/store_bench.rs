@@ -1,0 +1,254 @@
+//! The `store` mode: `pgsession::Store::load` and `save` alone (no HTTP) at
+//! several numbers of concurrent callers, each beside `pgbench` running the
+//! same SQL on the same table with as many clients: PostgreSQL's own limit
+//! on this machine.
+//!
+//! The table is filled first with `--rows` sessions whose ids are `1`,
+//! `2`, ...; every operation picks one at random, so that pgbench's
+//! `\set sid random(1, rows)` addresses the same rows.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use time::OffsetDateTime;
+
+use crate::report::{StoreOp, StoreRow};
+
+/// The session document saved by both sides (as express-session writes it,
+/// with a space after each colon: pgbench would read `:name` as a variable).
+const DOCUMENT: &str = r#"{"cookie": {"originalMaxAge": null, "expires": null, "httpOnly": true, "path": "/", "sameSite": "lax"}, "user": "bench", "views": 1}"#;
+
+/// `pgsession-bench store`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StoreArgs {
+    /// Measured time of each run (store and pgbench alike): 10s, 500ms, 1m.
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    duration: Duration,
+    /// Unmeasured time before each run.
+    #[arg(long, default_value = "2s", value_parser = crate::parse_duration)]
+    warmup: Duration,
+    /// Numbers of concurrent callers (and pgbench clients).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrency: Vec<usize>,
+    /// Rows inserted before the runs.
+    #[arg(long, default_value_t = 10_000)]
+    rows: u32,
+    /// PostgreSQL server to use (a fresh database is created on it and
+    /// dropped at the end); without it, a throwaway cluster is started.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// The pgbench binary [default: `pg_config --bindir`/pgbench, else pgbench on PATH].
+    #[arg(long)]
+    pgbench: Option<PathBuf>,
+}
+
+/// Runs every operation at every concurrency, store then pgbench.
+pub(crate) async fn run(args: StoreArgs) -> anyhow::Result<Vec<StoreRow>> {
+    let db = crate::database(args.database_url.as_deref()).await?;
+    let config = pgsession::Config::builder().url(db.url()).build()?;
+    let store = pgsession::Store::new(config)?;
+    store.ready().await.context("creating the session table")?;
+    let client = db.client().await?;
+    client
+        .execute(
+            "INSERT INTO session_store (sid, sess, expire) \
+             SELECT g::text, $1::text::json, (now() AT TIME ZONE 'UTC') + interval '1 day' \
+             FROM generate_series(1, $2::int) g",
+            &[&DOCUMENT, &(args.rows as i32)],
+        )
+        .await
+        .context("filling the session table")?;
+    client.batch_execute("VACUUM ANALYZE session_store").await?;
+
+    let pgbench = args.pgbench.clone().unwrap_or_else(find_pgbench);
+    let scripts = tempfile::tempdir()?;
+    let mut rows = Vec::new();
+    for op in [StoreOp::Load, StoreOp::Save] {
+        let script = scripts.path().join(format!("{}.sql", op.name()));
+        std::fs::write(&script, pgbench_script(op, args.rows))?;
+        for &callers in &args.concurrency {
+            eprintln!("store {} with {callers} callers ...", op.name());
+            let ours = run_store(&store, op, callers, args.rows, args.warmup, args.duration).await;
+            client.batch_execute("VACUUM session_store").await?;
+            eprintln!("pgbench {} with {callers} clients ...", op.name());
+            let theirs = run_pgbench(
+                &pgbench,
+                db.url(),
+                &script,
+                callers,
+                args.warmup,
+                args.duration,
+            )
+            .await?;
+            client.batch_execute("VACUUM session_store").await?;
+            rows.push(StoreRow {
+                op,
+                callers,
+                ops_per_sec: ours.requests as f64 / args.duration.as_secs_f64(),
+                p50: ours.quantile(0.5),
+                p99: ours.quantile(0.99),
+                errors: ours.errors,
+                pgbench_tps: theirs.tps,
+                pgbench_latency_ms: theirs.latency_ms,
+            });
+        }
+    }
+    store.close().await;
+    Ok(rows)
+}
+
+/// `callers` tasks calling the store in a loop for `warmup + duration`;
+/// only calls that end inside the measured window count.
+async fn run_store(
+    store: &pgsession::Store,
+    op: StoreOp,
+    callers: usize,
+    rows: u32,
+    warmup: Duration,
+    duration: Duration,
+) -> crate::load::LoadResult {
+    let measure_from = Instant::now() + warmup;
+    let until = measure_from + duration;
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut part = crate::load::LoadResult::default();
+                while Instant::now() < until {
+                    let sid = rand::random_range(1..=rows).to_string();
+                    let started = Instant::now();
+                    let ok = match op {
+                        StoreOp::Load => store.load(&sid).await.is_ok(),
+                        StoreOp::Save => {
+                            let expire = OffsetDateTime::now_utc() + time::Duration::DAY;
+                            store.save(&sid, DOCUMENT, expire).await.is_ok()
+                        }
+                    };
+                    let done = Instant::now();
+                    if done >= measure_from && done <= until {
+                        part.requests += 1;
+                        part.errors += u64::from(!ok);
+                        part.latencies.push(done - started);
+                    }
+                }
+                part
+            })
+        })
+        .collect();
+    let mut result = crate::load::LoadResult {
+        window: duration,
+        ..Default::default()
+    };
+    for task in tasks {
+        if let Ok(part) = task.await {
+            result.requests += part.requests;
+            result.errors += part.errors;
+            result.latencies.extend(part.latencies);
+        }
+    }
+    result.latencies.sort_unstable();
+    result
+}
+
+/// The pgbench script: the store's statement, with a random existing sid.
+fn pgbench_script(op: StoreOp, rows: u32) -> String {
+    let sql = match op {
+        StoreOp::Load => "SELECT sess::text, expire FROM session_store \
+                          WHERE sid = :sid AND expire >= (now() AT TIME ZONE 'UTC');"
+            .to_owned(),
+        StoreOp::Save => format!(
+            "INSERT INTO session_store (sid, sess, expire) \
+             VALUES (:sid, '{DOCUMENT}', now() + interval '1 day') \
+             ON CONFLICT (sid) DO UPDATE SET sess = EXCLUDED.sess, expire = EXCLUDED.expire;"
+        ),
+    };
+    format!("\\set sid random(1, {rows})\n{sql}\n")
+}
+
+fn find_pgbench() -> PathBuf {
+    std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("pgbench"))
+        .filter(|path| path.is_file())
+        .unwrap_or_else(|| "pgbench".into())
+}
+
+/// What pgbench printed.
+#[derive(Debug)]
+struct PgbenchResult {
+    tps: f64,
+    latency_ms: Option<f64>,
+}
+
+/// Runs pgbench for `warmup` (discarded), then for `duration`.
+async fn run_pgbench(
+    pgbench: &Path,
+    url: &str,
+    script: &Path,
+    clients: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<PgbenchResult> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres").to_owned();
+    let dbname = config.get_dbname().unwrap_or("postgres").to_owned();
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let threads = clients.min(2);
+    let once = |seconds: u64| {
+        let mut command = tokio::process::Command::new(pgbench);
+        command
+            .args(["-M", "prepared", "-n"])
+            .arg("-c")
+            .arg(clients.to_string())
+            .arg("-j")
+            .arg(threads.to_string())
+            .arg("-T")
+            .arg(seconds.to_string())
+            .arg("-f")
+            .arg(script)
+            .args(["-h", &host, "-p", &port.to_string(), "-U", &user, &dbname])
+            .stdin(Stdio::null());
+        if let Some(password) = &password {
+            command.env("PGPASSWORD", password);
+        }
+        command
+    };
+    if warmup >= Duration::from_secs(1) {
+        once(warmup.as_secs()).output().await?;
+    }
+    let output = once(duration.as_secs().max(1))
+        .output()
+        .await
+        .with_context(|| format!("running {}", pgbench.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "pgbench failed ({}):\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let number_after = |prefix: &str| {
+        stdout
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok())
+    };
+    let tps = number_after("tps = ").context("no `tps = ` line in pgbench's output")?;
+    Ok(PgbenchResult {
+        tps,
+        latency_ms: number_after("latency average = "),
+    })
+}

@@ -1,0 +1,494 @@
+//! The command line: every subcommand and flag, each flag also read from an
+//! environment variable, and the one step that turns the raw store flags into
+//! a [`pgsession::ConfigBuilder`].
+//!
+//! The store flags are not written out by hand: [`StoreArgs`] makes one flag
+//! per entry of [`pgsession::config::ENV_SETTINGS`] (`PGSESSION_POOL_SIZE`
+//! becomes `--pool-size`, `DATABASE_URL` becomes `--database-url`), so a
+//! setting added to the library is at once a flag and a variable here, and
+//! both go through the library's own parser ([`ConfigBuilder::set`]). A
+//! command-line flag wins over its variable.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+use pgsession::config::ENV_SETTINGS;
+use pgsession::ConfigBuilder;
+
+use crate::UsageError;
+
+/// Resilient PostgreSQL-backed HTTP sessions: a reference server, migrations
+/// and pruning.
+///
+/// Every flag can also be given as an environment variable (shown in
+/// brackets); a flag on the command line wins. Logs go to stderr, filtered
+/// by RUST_LOG (default `info`).
+#[derive(Debug, Parser)]
+#[command(name = "pgsession", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "PGSESSION_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the reference web server (login, logout, a counter, health,
+    /// metrics, dashboard).
+    ///
+    /// Without DATABASE_URL it starts its own PostgreSQL from the installed
+    /// binaries, with its data under --data-dir; without those binaries it
+    /// keeps sessions in memory, and they end with the process.
+    Serve(ServeArgs),
+    /// Create the session table and its index when they are missing.
+    Migrate(MigrateArgs),
+    /// Delete expired sessions now (the server also does this in the
+    /// background every prune interval).
+    Prune(PruneArgs),
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Whether the session cookie carries the `Secure` attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum CookieSecureArg {
+    /// Always (the library's default): browsers send the cookie over HTTPS only.
+    #[value(name = "true", alias = "always")]
+    Always,
+    /// Never: for plain HTTP.
+    #[value(name = "false", alias = "never")]
+    Never,
+    /// When the request came over HTTPS (`X-Forwarded-Proto: https`).
+    Auto,
+}
+
+/// `pgsession serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "PGSESSION_LISTEN",
+        default_value = "127.0.0.1:3000",
+        value_name = "ADDR"
+    )]
+    pub(crate) listen: String,
+
+    /// Cookie signing secrets, comma-separated: the first signs, all verify.
+    /// Default: a random secret made at start (sessions then do not survive
+    /// a restart).
+    #[arg(
+        long,
+        env = "PGSESSION_SECRET",
+        hide_env_values = true,
+        value_name = "LIST"
+    )]
+    pub(crate) secret: Option<String>,
+
+    /// Whether the cookie is marked `Secure`. The library's default is
+    /// `true`; the server's is `auto`, because it is usually tried over plain
+    /// HTTP on loopback, where a Secure cookie would never come back.
+    #[arg(long, env = "PGSESSION_COOKIE_SECURE", value_enum, default_value_t = CookieSecureArg::Auto)]
+    pub(crate) cookie_secure: CookieSecureArg,
+
+    /// How long requests in flight may take to finish after SIGTERM or
+    /// SIGINT (500ms, 10s, 1m, ...).
+    #[arg(long, env = "PGSESSION_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub(crate) shutdown_grace: Duration,
+
+    /// Where the embedded PostgreSQL keeps its data when DATABASE_URL is not set.
+    #[arg(
+        long,
+        env = "PGSESSION_DATA_DIR",
+        default_value = ".pgsession",
+        value_name = "DIR"
+    )]
+    pub(crate) data_dir: PathBuf,
+
+    /// The session store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+/// `pgsession migrate`.
+#[derive(Debug, Args)]
+pub(crate) struct MigrateArgs {
+    /// The session store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+/// `pgsession prune`.
+#[derive(Debug, Args)]
+pub(crate) struct PruneArgs {
+    /// The session store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+/// The store settings as given, not yet checked: one optional value per
+/// library setting, with where it came from.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StoreArgs {
+    values: Vec<StoreValue>,
+}
+
+/// One store setting given on the command line or in the environment.
+#[derive(Debug, Clone)]
+struct StoreValue {
+    /// The library's name for it, e.g. `pool_size`.
+    setting: &'static str,
+    /// Where it came from, for error messages: `--pool-size` or
+    /// `PGSESSION_POOL_SIZE`.
+    origin: String,
+    value: String,
+}
+
+/// The flag of a library setting: `pool_size` → `pool-size`, `url` →
+/// `database-url`.
+fn flag_name(setting: &str) -> String {
+    match setting {
+        "url" => "database-url".to_owned(),
+        other => other.replace('_', "-"),
+    }
+}
+
+/// Help for the settings the library has at the time of writing; a setting
+/// added later still gets a flag, with a generic help line.
+fn setting_help(setting: &str) -> &'static str {
+    match setting {
+        "url" => {
+            "PostgreSQL URL, as libpq takes it (postgres://user:pass@host:port/db?sslmode=...)"
+        }
+        "pool_size" => "Connections in the session pool [default: 5]",
+        "pool_max_size" => "Ceiling the pool may grow to under load [default: twice the pool size]",
+        "min_idle" => "Connections kept open even when idle [default: 1]",
+        "idle_timeout" => "Idle connections above the minimum are closed after this [default: 30s]",
+        "connect_timeout" => "Deadline to open a connection, TLS and login included [default: 20s]",
+        "acquire_timeout" => "Deadline to get a connection from a busy pool [default: 5s]",
+        "statement_timeout" => "Server-side statement_timeout [default: 30s]",
+        "query_timeout" => "Client-side deadline of one operation, retries included [default: 30s]",
+        "max_uses" => "Uses after which a connection is replaced [default: 7500]",
+        "keepalive_idle" => "Idle time before the first TCP keepalive probe [default: 10s]",
+        "startup_retries" => "Start-up attempts after the first [default: 3]",
+        "startup_backoff" => "First start-up backoff, doubled each time [default: 1s]",
+        "schema" => "Schema of the session table [default: public]",
+        "table" => "Name of the session table [default: session_store]",
+        "create_table" => "Create the table when it is missing (true|false) [default: true]",
+        "lifetime" => "Lifetime of a session whose cookie sets none [default: 1d]",
+        "prune_interval" => "Mean interval between prunes, randomized 50-150 % [default: 15m]",
+        "prune_batch_size" => "Rows deleted per prune statement [default: 1000]",
+        "pooler" => "direct, session or transaction (PgBouncer transaction mode) [default: direct]",
+        "max_session_bytes" => "Largest session document accepted, in bytes [default: 65536]",
+        "health_check_interval" => "Interval of the health check [default: 30s]",
+        "slow_check_threshold" => "A health check slower than this is a warning [default: 1s]",
+        "breaker_threshold" => {
+            "Transient failures in a row that open the circuit breaker [default: 5]"
+        }
+        "breaker_cool_down" => {
+            "First wait before the open breaker lets a probe through [default: 1s]"
+        }
+        "breaker_max_cool_down" => "Ceiling of the breaker's cool-down [default: 30s]",
+        "cache_max_entries" => {
+            "Sessions kept in the fallback cache, 0 turns it off [default: 10000]"
+        }
+        "cache_max_bytes" => "Bytes of sessions kept in the fallback cache [default: 16 MiB]",
+        "journal_max_entries" => {
+            "Sessions whose writes may wait in the journal during an outage [default: 100000]"
+        }
+        "spool_dir" => {
+            "Where the journal is spooled when stopping during an outage [default: .pgsession]"
+        }
+        "tls_insecure" => "Accept any server certificate (tests only) [default: false]",
+        _ => "A store setting (see pgsession::Config)",
+    }
+}
+
+/// The placeholder shown in `--help` for a setting's value.
+fn value_name(setting: &str) -> &'static str {
+    match setting {
+        "url" => "URL",
+        "schema" | "table" => "NAME",
+        "pooler" => "MODE",
+        "create_table" | "tls_insecure" => "BOOL",
+        "spool_dir" => "DIR",
+        "pool_size"
+        | "pool_max_size"
+        | "min_idle"
+        | "max_uses"
+        | "startup_retries"
+        | "prune_batch_size"
+        | "max_session_bytes"
+        | "breaker_threshold"
+        | "cache_max_entries"
+        | "cache_max_bytes"
+        | "journal_max_entries" => "N",
+        "idle_timeout"
+        | "connect_timeout"
+        | "acquire_timeout"
+        | "statement_timeout"
+        | "query_timeout"
+        | "keepalive_idle"
+        | "startup_backoff"
+        | "lifetime"
+        | "prune_interval"
+        | "health_check_interval"
+        | "slow_check_threshold"
+        | "breaker_cool_down"
+        | "breaker_max_cool_down" => "DURATION",
+        _ => "VALUE",
+    }
+}
+
+/// Settings whose values must not appear in `--help`.
+fn is_secret(setting: &str) -> bool {
+    setting == "url"
+}
+
+impl StoreArgs {
+    /// Builds from explicit `(setting, value)` pairs, as if given as flags
+    /// (for tests).
+    #[cfg(test)]
+    pub(crate) fn from_pairs(pairs: &[(&'static str, &str)]) -> StoreArgs {
+        StoreArgs {
+            values: pairs
+                .iter()
+                .map(|(setting, value)| StoreValue {
+                    setting,
+                    origin: format!("--{}", flag_name(setting)),
+                    value: (*value).to_owned(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The database URL, when one was given.
+    pub(crate) fn database_url(&self) -> Option<&str> {
+        self.values
+            .iter()
+            .find(|v| v.setting == "url")
+            .map(|v| v.value.as_str())
+    }
+
+    /// The one step from raw flags to a configuration: every value given
+    /// goes through [`ConfigBuilder::set`]. A refused value is a
+    /// [`UsageError`] naming the flag or variable it came from.
+    pub(crate) fn builder(&self) -> Result<ConfigBuilder, UsageError> {
+        let mut builder = pgsession::Config::builder();
+        for v in &self.values {
+            builder = builder
+                .set(v.setting, &v.value)
+                .map_err(|e| UsageError::new(format!("{e} (from {})", v.origin)))?;
+        }
+        Ok(builder)
+    }
+}
+
+impl FromArgMatches for StoreArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = StoreArgs::default();
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        for (env, setting) in ENV_SETTINGS {
+            let Some(value) = matches.get_one::<String>(setting) else {
+                continue;
+            };
+            // An empty variable counts as unset, as in the library.
+            if value.trim().is_empty() {
+                continue;
+            }
+            let origin = match matches.value_source(setting) {
+                Some(ValueSource::EnvVariable) => (*env).to_owned(),
+                _ => format!("--{}", flag_name(setting)),
+            };
+            self.values.retain(|v| v.setting != *setting);
+            self.values.push(StoreValue {
+                setting,
+                origin,
+                value: value.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Args for StoreArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        ENV_SETTINGS.iter().fold(cmd, |cmd, (env, setting)| {
+            cmd.arg(
+                clap::Arg::new(*setting)
+                    .long(flag_name(setting))
+                    .env(*env)
+                    .hide_env_values(is_secret(setting))
+                    .value_name(value_name(setting))
+                    .help(setting_help(setting))
+                    .help_heading("Store")
+                    .action(clap::ArgAction::Set),
+            )
+        })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, `1d` or a bare number of seconds, as
+/// the library does for its own durations.
+pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let bad = || format!("expected a duration such as 500ms, 10s, 1m, got {value:?}");
+    let split = value
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit.trim() {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" | "min" => number * 60.0,
+        "h" => number * 3600.0,
+        "d" => number * 86_400.0,
+        _ => return Err(bad()),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| bad())
+}
+
+/// Parses a command line; `--help`, `--version` and usage errors come back
+/// as the `clap::Error` to print.
+pub(crate) fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    Cli::try_parse_from(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_library_setting_has_a_flag_and_a_variable() {
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").expect("serve");
+        for (env, setting) in ENV_SETTINGS {
+            let arg = serve
+                .get_arguments()
+                .find(|a| a.get_id() == *setting)
+                .unwrap_or_else(|| panic!("no flag for {setting}"));
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(*env));
+            assert_ne!(
+                setting_help(setting),
+                "A store setting (see pgsession::Config)",
+                "write a help line for {setting}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_reach_the_configuration() {
+        let cli = parse_from([
+            "pgsession",
+            "migrate",
+            "--database-url",
+            "postgres://u@db/app",
+            "--pool-size",
+            "7",
+            "--table",
+            "sessions",
+            "--idle-timeout",
+            "1m",
+        ])
+        .unwrap();
+        let Command::Migrate(args) = cli.command else {
+            panic!("migrate")
+        };
+        assert_eq!(args.store.database_url(), Some("postgres://u@db/app"));
+        let config = args.store.builder().unwrap().build().unwrap();
+        assert_eq!(config.pool_size(), 7);
+        assert_eq!(config.table().as_str(), "sessions");
+        assert_eq!(config.idle_timeout(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_bad_value_names_its_flag() {
+        let args = StoreArgs::from_pairs(&[("pool_size", "many")]);
+        let err = args.builder().unwrap_err().to_string();
+        assert!(
+            err.contains("pool_size") && err.contains("--pool-size"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn serve_defaults() {
+        let cli = parse_from(["pgsession", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        // The test process may have these set; only check what the
+        // environment cannot change here.
+        if std::env::var_os("PGSESSION_LISTEN").is_none() {
+            assert_eq!(args.listen, "127.0.0.1:3000");
+        }
+        if std::env::var_os("PGSESSION_SHUTDOWN_GRACE").is_none() {
+            assert_eq!(args.shutdown_grace, Duration::from_secs(10));
+        }
+        if std::env::var_os("PGSESSION_COOKIE_SECURE").is_none() {
+            assert_eq!(args.cookie_secure, CookieSecureArg::Auto);
+        }
+    }
+
+    #[test]
+    fn cookie_secure_values() {
+        for (value, expected) in [
+            ("true", CookieSecureArg::Always),
+            ("always", CookieSecureArg::Always),
+            ("false", CookieSecureArg::Never),
+            ("never", CookieSecureArg::Never),
+            ("auto", CookieSecureArg::Auto),
+        ] {
+            let cli = parse_from(["pgsession", "serve", "--cookie-secure", value]).unwrap();
+            let Command::Serve(args) = cli.command else {
+                panic!("serve")
+            };
+            assert_eq!(args.cookie_secure, expected, "{value}");
+        }
+        assert!(parse_from(["pgsession", "serve", "--cookie-secure", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        for bad in ["", "s", "-1s", "soon", "1e999"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Integration tests of the `pgsession` binary, run as a process against a
+//! real PostgreSQL from the test kit. One binary, one module per concept.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+// The reference server's HTTP contract.
+mod contract;
+// SIGTERM with requests in flight.
+mod shutdown;
+// Starting without a reachable database, with an embedded one, in memory.
+mod startup;
+// `migrate`, `prune`, and the command line itself.
+mod commands;

@@ -1,0 +1,112 @@
+//! SIGTERM while requests are in flight: they all finish, then the process
+//! exits 0.
+
+use std::time::Duration;
+
+use crate::common::{answer, call, client, eventually, scalar, test_db, ServeProcess};
+
+const REQUESTS: usize = 20;
+
+#[tokio::test]
+async fn sigterm_lets_requests_in_flight_finish() {
+    let db = test_db().await;
+    // One connection per request, so that every request is seen waiting on
+    // the lock (and none waits for a pool connection).
+    let serve = ServeProcess::start_ready(
+        db.url(),
+        &[
+            ("PGSESSION_POOL_SIZE", "25"),
+            ("PGSESSION_SHUTDOWN_GRACE", "20s"),
+        ],
+    )
+    .await;
+    let mut serve = serve;
+    let http = client();
+    eventually("/readyz 200", Duration::from_secs(20), || async {
+        call(&http, &serve, "GET", "/readyz", None, None)
+            .await
+            .status
+            == 200
+    })
+    .await;
+
+    // Make session writes slow: hold the table in an open transaction.
+    let locker = db.client().await.unwrap();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE session_store IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let http = http.clone();
+            let url = serve.url("/counter");
+            tokio::spawn(async move { answer(http.post(url).send().await.expect("request")).await })
+        })
+        .collect();
+
+    // Every request is inside the server, its INSERT waiting on the lock.
+    let watcher = db.client().await.unwrap();
+    let waiting_sql = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    eventually(
+        "all requests waiting on the lock",
+        Duration::from_secs(30),
+        || async {
+            let n: i64 = watcher.query_one(waiting_sql, &[]).await.unwrap().get(0);
+            n as usize >= REQUESTS
+        },
+    )
+    .await;
+
+    serve.sigterm();
+    eventually("the shutdown to begin", Duration::from_secs(10), || async {
+        serve.stderr().contains("no longer accepting connections")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !serve.has_exited(),
+        "exited with requests in flight\n{}",
+        serve.stderr()
+    );
+    // New connections are refused.
+    let refused = http.get(serve.url("/healthz")).send().await;
+    assert!(
+        refused.is_err(),
+        "a new connection was served after SIGTERM: {refused:?}"
+    );
+
+    locker.batch_execute("COMMIT").await.unwrap();
+
+    for request in requests {
+        let a = request.await.unwrap();
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.json()["views"], 1);
+    }
+    let status = serve.wait().await;
+    assert_eq!(status.code(), Some(0), "{}", serve.stderr());
+    // Every answer was sent after its session was stored.
+    let rows: i64 = scalar(&db, "SELECT count(*) FROM session_store").await;
+    assert_eq!(rows as usize, REQUESTS);
+    let logs = serve.stderr();
+    assert!(logs.contains("session store closed"), "{logs}");
+}
+
+#[tokio::test]
+async fn sigterm_when_idle_exits_0_at_once() {
+    let db = test_db().await;
+    let mut serve = ServeProcess::start_ready(db.url(), &[]).await;
+    let http = client();
+    let a = call(&http, &serve, "POST", "/counter", None, None).await;
+    assert_eq!(a.status, 200);
+    let started = std::time::Instant::now();
+    serve.sigterm();
+    let status = serve.wait().await;
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}

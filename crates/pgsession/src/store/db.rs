@@ -1,0 +1,288 @@
+//! One operation on the database: a connection, the query, retries on
+//! transient errors within the deadline, and the breaker told of each
+//! failure. Also the creation of the table.
+
+use std::time::{Duration, Instant};
+
+use time::{OffsetDateTime, PrimitiveDateTime};
+
+use super::{to_timestamp, Inner, Store, StoredSession};
+use crate::error::Error;
+use crate::pool::Checkout;
+use crate::resilience::retry;
+
+impl Store {
+    /// Runs one query on a pooled connection, retried on transient errors
+    /// within `deadline`. Unless `bypass_breaker` (the recovery's own
+    /// probe and write-back), an open breaker stops it at once with
+    /// [`Error::Unavailable`].
+    ///
+    /// `query` gets the checkout and hands it back with its result, so that
+    /// a connection the query broke is not returned to the pool.
+    pub(super) async fn run_db<T, F, Fut>(
+        &self,
+        op: &'static str,
+        deadline: Duration,
+        bypass_breaker: bool,
+        query: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(Checkout) -> Fut,
+        Fut: std::future::Future<Output = (Checkout, Result<T, Error>)>,
+    {
+        if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let breaker = &self.inner.breaker;
+        let on_error = |error: &Error| {
+            if error.is_transient() && !matches!(error, Error::Unavailable) {
+                self.breaker_moved(breaker.record_failure(Instant::now()));
+            }
+        };
+        let result = retry::retry_within(op, deadline, on_error, || async {
+            if !bypass_breaker && !breaker.is_closed() {
+                return Err(Error::Unavailable);
+            }
+            self.ensure_schema().await?;
+            let conn = self.inner.pool.checkout().await?;
+            let (conn, result) = query(conn).await;
+            conn.finish(&result);
+            result
+        })
+        .await;
+        match &result {
+            Ok(_) => breaker.record_success(),
+            // The deadline passed without an answer: as much a failure as a
+            // refused connection (a blackholed link fails no other way).
+            Err(e @ Error::QueryTimeout { .. }) => on_error(e),
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn deadline(&self) -> Duration {
+        self.inner.config.query_timeout()
+    }
+
+    pub(super) async fn db_load(&self, sid: &str) -> Result<Option<StoredSession>, Error> {
+        self.db_load_with(sid, self.deadline(), false).await
+    }
+
+    async fn db_load_with(
+        &self,
+        sid: &str,
+        deadline: Duration,
+        bypass: bool,
+    ) -> Result<Option<StoredSession>, Error> {
+        let row = self
+            .run_db("load", deadline, bypass, |conn| async move {
+                let result = async {
+                    let client = conn.client();
+                    let stmt = client.prepare_cached(&self.inner.sql.load).await?;
+                    Ok(client.query_opt(&stmt, &[&sid]).await?)
+                }
+                .await;
+                (conn, result)
+            })
+            .await?;
+        Ok(row.and_then(|row| {
+            // NULL only in a table another program altered: no session.
+            let json: Option<String> = row.get(0);
+            match json {
+                Some(json) => Some(StoredSession { json, expire: row.get::<_, PrimitiveDateTime>(1).assume_utc() }),
+                None => {
+                    tracing::warn!(target: "session_store", "stored session has a NULL document; treated as no session");
+                    None
+                }
+            }
+        }))
+    }
+
+    pub(super) async fn db_save(
+        &self,
+        sid: &str,
+        json: &str,
+        expire: OffsetDateTime,
+    ) -> Result<(), Error> {
+        self.db_save_with(sid, json, expire, self.deadline(), false)
+            .await
+    }
+
+    pub(super) async fn db_save_with(
+        &self,
+        sid: &str,
+        json: &str,
+        expire: OffsetDateTime,
+        deadline: Duration,
+        bypass: bool,
+    ) -> Result<(), Error> {
+        let expire = to_timestamp(expire);
+        self.run_db("save", deadline, bypass, |conn| async move {
+            let result = async {
+                let client = conn.client();
+                let stmt = client.prepare_cached(&self.inner.sql.save).await?;
+                client.execute(&stmt, &[&sid, &json, &expire]).await?;
+                Ok(())
+            }
+            .await;
+            (conn, result)
+        })
+        .await
+    }
+
+    pub(super) async fn db_touch(&self, sid: &str, expire: OffsetDateTime) -> Result<bool, Error> {
+        self.db_touch_with(sid, expire, self.deadline(), false)
+            .await
+    }
+
+    pub(super) async fn db_touch_with(
+        &self,
+        sid: &str,
+        expire: OffsetDateTime,
+        deadline: Duration,
+        bypass: bool,
+    ) -> Result<bool, Error> {
+        let expire = to_timestamp(expire);
+        self.run_db("touch", deadline, bypass, |conn| async move {
+            let result = async {
+                let client = conn.client();
+                let stmt = client.prepare_cached(&self.inner.sql.touch).await?;
+                Ok(client.execute(&stmt, &[&sid, &expire]).await? > 0)
+            }
+            .await;
+            (conn, result)
+        })
+        .await
+    }
+
+    pub(super) async fn db_destroy(&self, sid: &str) -> Result<(), Error> {
+        self.db_destroy_with(sid, self.deadline(), false).await
+    }
+
+    pub(super) async fn db_destroy_with(
+        &self,
+        sid: &str,
+        deadline: Duration,
+        bypass: bool,
+    ) -> Result<(), Error> {
+        self.run_db("destroy", deadline, bypass, |conn| async move {
+            let result = async {
+                let client = conn.client();
+                let stmt = client.prepare_cached(&self.inner.sql.destroy).await?;
+                client.execute(&stmt, &[&sid]).await?;
+                Ok(())
+            }
+            .await;
+            (conn, result)
+        })
+        .await
+    }
+
+    /// A `SELECT 1` through the pool, bypassing the breaker: the health
+    /// check and the breaker's probe.
+    pub(super) async fn ping(&self, deadline: Duration) -> Result<(), Error> {
+        let conn = bounded("health", deadline, self.inner.pool.checkout()).await?;
+        let result = bounded("health", deadline, async {
+            conn.client().simple_query("SELECT 1").await?;
+            Ok(())
+        })
+        .await;
+        conn.finish(&result);
+        result
+    }
+
+    pub(super) async fn ensure_schema(&self) -> Result<(), Error> {
+        self.inner
+            .schema_ready
+            .get_or_try_init(|| async {
+                let deadline =
+                    self.inner.config.connect_timeout() + self.inner.config.query_timeout();
+                let conn = self.inner.pool.checkout().await?;
+                let result = bounded("schema", deadline, create_schema(&conn, &self.inner)).await;
+                if result.is_err() {
+                    // It may have failed inside the transaction.
+                    conn.discard();
+                } else {
+                    conn.finish(&result);
+                    tracing::info!(
+                        target: "session_store",
+                        table = %self.inner.sql.lock_name,
+                        "session table ready"
+                    );
+                }
+                result
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Creates the schema, table and index when missing, under an advisory
+/// transaction lock so that instances starting together do not collide.
+async fn create_schema(conn: &Checkout, inner: &Inner) -> Result<(), Error> {
+    let sql = &inner.sql;
+    let client = conn.client();
+    let table: bool = client
+        .query_one(sql.table_exists.as_str(), &[&sql.qualified])
+        .await?
+        .get(0);
+    let index: bool = client
+        .query_one(sql.expire_index_exists.as_str(), &[&sql.qualified])
+        .await?
+        .get(0);
+    if table && index {
+        return Ok(());
+    }
+    if !inner.config.create_table() {
+        return Err(Error::Config(crate::ConfigError::invalid(
+            "create_table",
+            format!(
+                "table {} (or its index on expire) is missing and create_table is off",
+                sql.lock_name
+            ),
+        )));
+    }
+    let key = format!("pgsession:schema:{}", sql.lock_name);
+    // A transaction-scoped lock: released at commit or when the link drops,
+    // and valid behind a transaction pooler too.
+    client.batch_execute("BEGIN").await?;
+    let txn = client;
+    txn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&key])
+        .await?;
+    if inner.config.schema().as_str() != "public" {
+        let present: bool = txn
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                &[&inner.config.schema().as_str()],
+            )
+            .await?
+            .get(0);
+        if !present {
+            txn.batch_execute(&sql.create_schema).await?;
+        }
+    }
+    txn.batch_execute(&sql.create_table).await?;
+    let index: bool = txn
+        .query_one(sql.expire_index_exists.as_str(), &[&sql.qualified])
+        .await?
+        .get(0);
+    if !index {
+        txn.batch_execute(&sql.create_index).await?;
+    }
+    txn.batch_execute("COMMIT").await?;
+    Ok(())
+}
+
+/// Bounds one step by `deadline`.
+pub(super) async fn bounded<T>(
+    op: &'static str,
+    deadline: Duration,
+    step: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(deadline, step)
+        .await
+        .unwrap_or(Err(Error::QueryTimeout {
+            op,
+            after: deadline,
+        }))
+}

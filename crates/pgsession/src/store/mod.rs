@@ -1,0 +1,524 @@
+//! The store engine: the session operations, each going to PostgreSQL when
+//! it can and to the fallback when it cannot.
+//!
+//! - [`db`]: one operation on the database, retried within its deadline,
+//!   counted by the circuit breaker; the table's creation.
+//! - [`background`]: start-up, pool upkeep, health checks, the recovery
+//!   that probes the database and writes the journal back, and the spool.
+//! - [`prune`]: deleting expired rows.
+
+mod background;
+mod db;
+mod prune;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+pub use prune::PruneOutcome;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::health::{Event, Events, HealthStatus, JournalHealth, StoreHealth};
+use crate::pool::{PoolStatus, SessionPool};
+use crate::resilience::breaker::{Breaker, BreakerSettings, BreakerState, Transition};
+use crate::resilience::fallback::{Fallback, FallbackSettings, JournalFull, Lookup, Pending};
+use crate::schema::Statements;
+
+/// A session as stored: its document (the `sess` column, JSON text) and
+/// when it expires.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    /// The `sess` column, as text.
+    pub json: String,
+    /// The `expire` column, in UTC.
+    pub expire: OffsetDateTime,
+}
+
+impl std::fmt::Debug for StoredSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Session documents hold user data: show their size only.
+        f.debug_struct("StoredSession")
+            .field("json_bytes", &self.json.len())
+            .field("expire", &self.expire)
+            .finish()
+    }
+}
+
+/// What the server says about a pool connection: the settings in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// `SELECT version()`.
+    pub version: String,
+    /// `SHOW TimeZone` (should be `UTC`).
+    pub time_zone: String,
+    /// `SHOW statement_timeout`, e.g. `30s` (`0` behind a pooler that
+    /// refused the startup option).
+    pub statement_timeout: String,
+    /// Whether the server is a read-only standby.
+    pub in_recovery: bool,
+}
+
+/// The session store on PostgreSQL. Cheap to clone; clones share one pool.
+///
+/// Created with [`Store::new`], it starts at once, whether or not the
+/// database answers: the table is created in the background (retried with
+/// backoff) or, failing that, by the first operation that reaches the
+/// database. When the database goes away, the circuit breaker opens and
+/// operations use the fallback: recently used sessions are read from a
+/// cache, and writes wait in a journal that is written back, in order,
+/// when the database returns (or spooled to disk if the process stops
+/// first).
+///
+/// ```no_run
+/// # async fn example() -> Result<(), pgsession::Error> {
+/// use time::{Duration, OffsetDateTime};
+/// let config = pgsession::Config::builder().url("postgres://localhost/app").build()?;
+/// let store = pgsession::Store::new(config)?;
+/// let expire = OffsetDateTime::now_utc() + Duration::hours(1);
+/// store.save("some-session-id", r#"{"cookie":{},"user":"alice"}"#, expire).await?;
+/// let stored = store.load("some-session-id").await?.expect("just saved");
+/// assert!(stored.json.contains("alice"));
+/// store.close().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    pool: SessionPool,
+    sql: Statements,
+    /// Set once the table is known to exist. Failures are never stored.
+    schema_ready: OnceCell<()>,
+    breaker: Breaker,
+    fallback: Fallback,
+    events: Events,
+    /// Spool files read at start-up, removed once written back.
+    claimed_spool: Mutex<Vec<PathBuf>>,
+    /// Stops the background tasks.
+    shutdown: CancellationToken,
+    /// Set at the end of [`Store::close`]: operations are refused.
+    closed: AtomicBool,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+/// How an operation ended, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Fallback,
+    Error,
+}
+
+impl Store {
+    /// Builds the store and starts its background work (table creation,
+    /// pool upkeep, health checks, recovery). Reads back any journal spooled
+    /// by an earlier run. Fails only on a configuration it cannot use (such
+    /// as an unreadable `sslrootcert`), never because the database is away.
+    ///
+    /// Must be called inside a Tokio runtime.
+    pub fn new(config: Config) -> Result<Store, Error> {
+        let pool = SessionPool::new(&config)?;
+        let sql = Statements::new(config.schema(), config.table());
+        let breaker = Breaker::new(BreakerSettings {
+            threshold: config.breaker_threshold(),
+            cool_down: config.breaker_cool_down(),
+            max_cool_down: config.breaker_max_cool_down(),
+        });
+        let fallback = Fallback::new(FallbackSettings {
+            max_entries: config.cache_max_entries(),
+            max_bytes: config.cache_max_bytes(),
+            max_journal: config.journal_max_entries(),
+        });
+        let store = Store {
+            inner: Arc::new(Inner {
+                config,
+                pool,
+                sql,
+                schema_ready: OnceCell::new(),
+                breaker,
+                fallback,
+                events: Events::default(),
+                claimed_spool: Mutex::new(Vec::new()),
+                shutdown: CancellationToken::new(),
+                closed: AtomicBool::new(false),
+                tasks: tokio_util::task::TaskTracker::new(),
+            }),
+        };
+        metrics::gauge!("pgsession_breaker_state").set(BreakerState::Closed.gauge());
+        store.restore_spool();
+        store.spawn(Self::initialize_in_background);
+        store.spawn(Self::upkeep);
+        store.spawn(Self::recover);
+        store.spawn(Self::check_health);
+        Ok(store)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Whether the table is known to exist, i.e. start-up is complete.
+    pub fn is_ready(&self) -> bool {
+        self.inner.schema_ready.initialized()
+    }
+
+    /// Waits until the store is ready, making one attempt itself if none is
+    /// under way. Fails with the error of that attempt.
+    pub async fn ready(&self) -> Result<(), Error> {
+        self.ensure_schema().await
+    }
+
+    /// The pool's figures now.
+    pub fn pool_status(&self) -> PoolStatus {
+        self.inner.pool.status()
+    }
+
+    /// The circuit breaker's position now.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.state()
+    }
+
+    /// Sessions with writes waiting in the journal.
+    pub fn journal_len(&self) -> usize {
+        self.inner.fallback.journal_len()
+    }
+
+    /// Whether connections carry the server-side statement timeout (false
+    /// when the server refused startup options, as poolers do).
+    pub fn server_statement_timeout(&self) -> bool {
+        self.inner.pool.uses_startup_options()
+    }
+
+    /// The facts behind `/health`.
+    pub fn health(&self) -> StoreHealth {
+        let breaker = self.breaker_state();
+        let last_check = self.inner.events.last_check();
+        let ready = self.is_ready();
+        let status = if self.inner.closed.load(Ordering::Acquire) {
+            HealthStatus::Down
+        } else if ready && breaker == BreakerState::Closed && last_check.is_none_or(|c| c.ok) {
+            HealthStatus::Ok
+        } else {
+            HealthStatus::Degraded
+        };
+        StoreHealth {
+            status,
+            ready,
+            breaker,
+            pool: self.pool_status(),
+            last_check,
+            journal: JournalHealth {
+                entries: self.journal_len(),
+            },
+        }
+    }
+
+    /// Recent events (breaker moves, slow or failed checks, resizes,
+    /// spooling), oldest first.
+    pub fn recent_events(&self) -> Vec<Event> {
+        self.inner.events.recent()
+    }
+
+    /// Sets the pool and journal gauges to their values now (call before
+    /// rendering metrics).
+    pub fn publish_metrics(&self) {
+        let pool = self.pool_status();
+        metrics::gauge!("pgsession_pool_size").set(pool.size as f64);
+        metrics::gauge!("pgsession_pool_idle").set(pool.idle as f64);
+        metrics::gauge!("pgsession_pool_in_use").set(pool.in_use as f64);
+        metrics::gauge!("pgsession_pool_waiting").set(pool.waiting as f64);
+        metrics::gauge!("pgsession_pool_max").set(pool.max as f64);
+        metrics::gauge!("pgsession_journal_entries").set(self.journal_len() as f64);
+        metrics::gauge!("pgsession_breaker_state").set(self.breaker_state().gauge());
+    }
+
+    /// Asks the server, through the pool, for its version and the settings
+    /// of the connection (for `doctor` and for tests).
+    pub async fn server_info(&self) -> Result<ServerInfo, Error> {
+        self.run_db(
+            "info",
+            self.inner.config.query_timeout(),
+            false,
+            |conn| async move {
+                let result = async {
+                    let row = conn
+                        .client()
+                        .query_one(
+                            "SELECT version(), current_setting('TimeZone'), \
+                         current_setting('statement_timeout'), pg_is_in_recovery()",
+                            &[],
+                        )
+                        .await?;
+                    Ok(ServerInfo {
+                        version: row.get(0),
+                        time_zone: row.get(1),
+                        statement_timeout: row.get(2),
+                        in_recovery: row.get(3),
+                    })
+                }
+                .await;
+                (conn, result)
+            },
+        )
+        .await
+    }
+
+    /// Loads an unexpired session: from the database, or, while it is
+    /// away, from the fallback. A session the fallback does not know fails
+    /// with [`Error::Unavailable`]: it is never taken for a missing one.
+    pub async fn load(&self, sid: &str) -> Result<Option<StoredSession>, Error> {
+        let started = std::time::Instant::now();
+        let now = OffsetDateTime::now_utc();
+        let fallback = &self.inner.fallback;
+        let direct = match fallback.lookup(sid, now) {
+            Lookup::Pending(found) => Err(found),
+            Lookup::Cached(cached) if !self.inner.breaker.is_closed() => Err(Some(cached)),
+            _ if !self.inner.breaker.is_closed() => {
+                let result = Err(Error::Unavailable);
+                record("load", started, &result, Outcome::Error);
+                return result;
+            }
+            _ => Ok(()),
+        };
+        if let Err(found) = direct {
+            let result = Ok(found);
+            record("load", started, &result, Outcome::Fallback);
+            return result;
+        }
+        let (result, outcome) = match self.db_load(sid).await {
+            Ok(Some(found)) => {
+                fallback.remember(sid, found.clone());
+                (Ok(Some(found)), Outcome::Ok)
+            }
+            Ok(None) => {
+                fallback.forget(sid);
+                (Ok(None), Outcome::Ok)
+            }
+            Err(e) if e.is_transient() => match fallback.lookup(sid, now) {
+                Lookup::Pending(found) => (Ok(found), Outcome::Fallback),
+                Lookup::Cached(cached) => (Ok(Some(cached)), Outcome::Fallback),
+                Lookup::Miss => (Err(e), Outcome::Error),
+            },
+            Err(e) => (Err(e), Outcome::Error),
+        };
+        record("load", started, &result, outcome);
+        result
+    }
+
+    /// Inserts or replaces a session (an upsert). While the database is
+    /// away the write is accepted into the journal.
+    pub async fn save(&self, sid: &str, json: &str, expire: OffsetDateTime) -> Result<(), Error> {
+        let limit = self.inner.config.max_session_bytes();
+        if json.len() > limit {
+            return Err(Error::TooLarge {
+                size: json.len(),
+                limit,
+            });
+        }
+        let write = || Pending::Save {
+            json: json.to_owned(),
+            expire,
+        };
+        let done = self
+            .write("save", sid, write, self.db_save(sid, json, expire))
+            .await?;
+        if done.is_some() {
+            self.inner.fallback.remember(
+                sid,
+                StoredSession {
+                    json: json.to_owned(),
+                    expire,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Moves a session's expiry, leaving its document alone. Returns whether
+    /// the session existed (always true when journaled).
+    pub async fn touch(&self, sid: &str, expire: OffsetDateTime) -> Result<bool, Error> {
+        let write = || Pending::Touch { expire };
+        match self
+            .write("touch", sid, write, self.db_touch(sid, expire))
+            .await?
+        {
+            Some(existed) => {
+                self.inner.fallback.retime(sid, expire);
+                Ok(existed)
+            }
+            None => Ok(true),
+        }
+    }
+
+    /// Deletes a session. Deleting a missing session is not an error.
+    pub async fn destroy(&self, sid: &str) -> Result<(), Error> {
+        let done = self
+            .write("destroy", sid, || Pending::Destroy, self.db_destroy(sid))
+            .await?;
+        if done.is_some() {
+            self.inner.fallback.forget(sid);
+        }
+        Ok(())
+    }
+
+    /// A write: to the journal while the breaker is open (or the session
+    /// already waits there), else to the database, and to the journal if
+    /// the database fails transiently. `None` when journaled.
+    async fn write<T>(
+        &self,
+        op: &'static str,
+        sid: &str,
+        journal_entry: impl Fn() -> Pending,
+        direct: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<Option<T>, Error> {
+        let started = std::time::Instant::now();
+        let breaker = &self.inner.breaker;
+        let fallback = &self.inner.fallback;
+        let journaled = fallback.journal_if(sid, journal_entry(), |pending| {
+            pending || !breaker.is_closed()
+        });
+        let (result, outcome) = match journaled {
+            Ok(true) => (Ok(None), Outcome::Fallback),
+            Err(JournalFull) => (Err(Error::Unavailable), Outcome::Error),
+            Ok(false) => match direct.await {
+                Ok(done) => (Ok(Some(done)), Outcome::Ok),
+                Err(e) if e.is_transient() => {
+                    match fallback.journal_if(sid, journal_entry(), |_| true) {
+                        Ok(_) => (Ok(None), Outcome::Fallback),
+                        Err(JournalFull) => (Err(e), Outcome::Error),
+                    }
+                }
+                Err(e) => (Err(e), Outcome::Error),
+            },
+        };
+        if outcome == Outcome::Fallback {
+            metrics::gauge!("pgsession_journal_entries").set(fallback.journal_len() as f64);
+        }
+        record(op, started, &result, outcome);
+        result
+    }
+
+    /// Counts unexpired sessions.
+    pub async fn count(&self) -> Result<u64, Error> {
+        self.count_with(&self.inner.sql.count).await
+    }
+
+    /// Counts expired sessions still in the table (what a prune would delete).
+    pub async fn count_expired(&self) -> Result<u64, Error> {
+        self.count_with(&self.inner.sql.count_expired).await
+    }
+
+    async fn count_with(&self, sql: &str) -> Result<u64, Error> {
+        self.run_db(
+            "count",
+            self.inner.config.query_timeout(),
+            false,
+            |conn| async move {
+                let result = async {
+                    let client = conn.client();
+                    let stmt = client.prepare_cached(sql).await?;
+                    let n: i64 = client.query_one(&stmt, &[]).await?.get(0);
+                    Ok(n.max(0) as u64)
+                }
+                .await;
+                (conn, result)
+            },
+        )
+        .await
+    }
+
+    /// Deletes every session. Returns how many rows were deleted.
+    pub async fn clear(&self) -> Result<u64, Error> {
+        self.run_db(
+            "clear",
+            self.inner.config.query_timeout(),
+            false,
+            |conn| async move {
+                let result = async {
+                    let client = conn.client();
+                    Ok(client.execute(self.inner.sql.clear.as_str(), &[]).await?)
+                }
+                .await;
+                (conn, result)
+            },
+        )
+        .await
+    }
+
+    /// Stops background tasks, writes the journal back if the database
+    /// answers, else spools it to disk, and closes the pool. Operations
+    /// after this fail with [`Error::Closed`].
+    pub async fn close(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        self.flush_or_spool().await;
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.pool.close();
+    }
+
+    fn spawn<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(Store) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        // Tasks hold a clone of the store; they end when `shutdown` fires.
+        self.inner.tasks.spawn(task(self.clone()));
+    }
+
+    /// Logs, counts and shows a move of the breaker.
+    fn breaker_moved(&self, transition: Transition) {
+        let Some((from, to)) = transition else { return };
+        metrics::gauge!("pgsession_breaker_state").set(to.gauge());
+        let message = format!("circuit breaker {} -> {}", from.as_str(), to.as_str());
+        match to {
+            BreakerState::Open => tracing::warn!(
+                target: "session_store",
+                journal = self.journal_len(),
+                "{message}: the database is considered away; serving from the fallback"
+            ),
+            BreakerState::HalfOpen => {
+                tracing::info!(target: "session_store", "{message}: probing the database")
+            }
+            BreakerState::Closed => {
+                tracing::info!(target: "session_store", "{message}: the database is back")
+            }
+        }
+        self.inner.events.push("breaker", message);
+    }
+}
+
+/// Counts and times an operation for the metrics.
+fn record<T>(
+    op: &'static str,
+    started: std::time::Instant,
+    result: &Result<T, Error>,
+    outcome: Outcome,
+) {
+    metrics::histogram!("pgsession_query_seconds", "op" => op).record(started.elapsed());
+    let outcome = match outcome {
+        Outcome::Ok => "ok",
+        Outcome::Fallback => "fallback",
+        Outcome::Error => "error",
+    };
+    metrics::counter!("pgsession_operations_total", "op" => op, "outcome" => outcome).increment(1);
+    if let Err(e) = result {
+        metrics::counter!("pgsession_errors_total", "kind" => e.kind().as_str()).increment(1);
+    }
+}
+
+/// `expire` is a `timestamp` holding UTC.
+fn to_timestamp(at: OffsetDateTime) -> PrimitiveDateTime {
+    let utc = at.to_offset(UtcOffset::UTC);
+    PrimitiveDateTime::new(utc.date(), utc.time())
+}

@@ -1,0 +1,182 @@
+//! Fuzzes the configuration: `Config::builder().url(..).build()`,
+//! `ConfigBuilder::set` for every setting name, and `Config::from_vars`.
+//! None of it may panic, and no error message, `Debug` output or log
+//! target may repeat a password the URL carries.
+//!
+//! Input: text; the first line is the URL, the rest the value given to
+//! every setting (without a newline, the text is both).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use pgsession::config::ENV_SETTINGS;
+use pgsession::Config;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (url, value) = text.split_once('\n').unwrap_or((text, text));
+    check(url, value);
+    check(value, url);
+});
+
+/// Runs everything with `url` as the URL and `value` for every setting,
+/// then looks for the URL's passwords in what came out.
+fn check(url: &str, value: &str) {
+    let texts = outputs(url, value);
+    for secret in passwords(url) {
+        let chars: Vec<char> = secret.text.chars().collect();
+        if chars.len() < 4 {
+            // Too short to tell a leak from a coincidence.
+            continue;
+        }
+        // What the same run says with the password replaced: text found
+        // there (a message template, the host name) is not a leak.
+        let redacted_url = format!("{}x{}", &url[..secret.start], &url[secret.end..]);
+        let innocent = outputs(&redacted_url, value).join("\n");
+        let without = format!("{}{}", &url[..secret.start], &url[secret.end..]);
+        let window = chars.len().min(6);
+        for piece in chars.windows(window) {
+            let piece: String = piece.iter().collect();
+            if without.contains(&piece) || innocent.contains(&piece) || value.contains(&piece) {
+                continue;
+            }
+            for text in &texts {
+                assert!(
+                    !text.contains(&piece),
+                    "password piece {piece:?} of {:?} leaked: {text}",
+                    secret.text
+                );
+            }
+        }
+    }
+}
+
+/// Every message and `Debug` text the configuration code produces for
+/// this URL and value.
+fn outputs(url: &str, value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    record(&mut out, Config::builder().url(url).build());
+    for (env, setting) in ENV_SETTINGS {
+        match Config::builder().url(url).set(setting, value) {
+            Ok(builder) => {
+                out.push(format!("{builder:?}"));
+                record(&mut out, builder.build());
+            }
+            Err(e) => record(&mut out, Err(e)),
+        }
+        if *setting != "url" {
+            record(
+                &mut out,
+                Config::from_vars([("DATABASE_URL", url), (env, value)]),
+            );
+        }
+    }
+    record(
+        &mut out,
+        Config::builder().set("url", url).and_then(|b| b.build()),
+    );
+    record(
+        &mut out,
+        Config::builder()
+            .url(url)
+            .set(value, url)
+            .and_then(|b| b.build()),
+    );
+    out
+}
+
+fn record(out: &mut Vec<String>, result: Result<Config, pgsession::ConfigError>) {
+    match result {
+        Ok(config) => {
+            out.push(format!("{config:?}"));
+            out.push(format!("{:?}", config.postgres()));
+            out.push(config.target());
+        }
+        Err(e) => {
+            out.push(e.to_string());
+            out.push(format!("{e:?}"));
+        }
+    }
+}
+
+/// A password in the URL, and where it is.
+struct Secret {
+    text: String,
+    start: usize,
+    end: usize,
+}
+
+/// The passwords `url` carries: the userinfo's, between the first `:` and
+/// the first `@` after the scheme (as the driver reads credentials), and
+/// any `password=` parameter's value up to the next `&`. Each raw; the
+/// decoded forms are checked too when they differ.
+fn passwords(url: &str) -> Vec<Secret> {
+    let mut found = Vec::new();
+    let Some(scheme_end) = ["postgres://", "postgresql://"]
+        .iter()
+        .find(|p| url.starts_with(**p))
+        .map(|p| p.len())
+    else {
+        return found;
+    };
+    let rest = &url[scheme_end..];
+    if let Some(at) = rest.find('@') {
+        if let Some(colon) = rest[..at].find(':') {
+            let (start, end) = (scheme_end + colon + 1, scheme_end + at);
+            found.push(Secret {
+                text: url[start..end].to_owned(),
+                start,
+                end,
+            });
+        }
+    }
+    let mut search = 0;
+    while let Some(pos) = url[search..].find("password=") {
+        let start = search + pos + "password=".len();
+        let end = url[start..].find('&').map_or(url.len(), |i| start + i);
+        found.push(Secret {
+            text: url[start..end].to_owned(),
+            start,
+            end,
+        });
+        search = start;
+    }
+    let decoded: Vec<Secret> = found
+        .iter()
+        .filter_map(|s| {
+            let text = percent_decode(&s.text)?;
+            (text != s.text).then_some(Secret {
+                text,
+                start: s.start,
+                end: s.end,
+            })
+        })
+        .collect();
+    found.extend(decoded);
+    found
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let escaped = match (b, bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&hi), Some(&lo)) => hex(hi).zip(hex(lo)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
+        };
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}

@@ -16,13 +16,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (url, value) = text.split_once('\n').unwrap_or((text, text));
-    check(url, value);
-    check(value, url);
+    check(url, Some(value));
+    // The value may be a URL too (it is given to `url`): its passwords.
+    check(value, None);
 });
 
-/// Runs everything with `url` as the URL and `value` for every setting,
-/// then looks for the URL's passwords in what came out.
-fn check(url: &str, value: &str) {
+/// Runs everything with `url` as the URL and `value` (if any) for every
+/// setting, then looks for the URL's passwords in what came out.
+fn check(url: &str, value: Option<&str>) {
     let texts = outputs(url, value);
     for secret in passwords(url) {
         let chars: Vec<char> = secret.text.chars().collect();
@@ -38,7 +39,10 @@ fn check(url: &str, value: &str) {
         let window = chars.len().min(6);
         for piece in chars.windows(window) {
             let piece: String = piece.iter().collect();
-            if without.contains(&piece) || innocent.contains(&piece) || value.contains(&piece) {
+            if without.contains(&piece)
+                || innocent.contains(&piece)
+                || value.is_some_and(|v| v.contains(&piece))
+            {
                 continue;
             }
             for text in &texts {
@@ -54,9 +58,17 @@ fn check(url: &str, value: &str) {
 
 /// Every message and `Debug` text the configuration code produces for
 /// this URL and value.
-fn outputs(url: &str, value: &str) -> Vec<String> {
+fn outputs(url: &str, value: Option<&str>) -> Vec<String> {
     let mut out = Vec::new();
     record(&mut out, Config::builder().url(url).build());
+    record(
+        &mut out,
+        Config::builder().set("url", url).and_then(|b| b.build()),
+    );
+    record(&mut out, Config::from_vars([("DATABASE_URL", url)]));
+    let Some(value) = value else {
+        return out;
+    };
     for (env, setting) in ENV_SETTINGS {
         match Config::builder().url(url).set(setting, value) {
             Ok(builder) => {
@@ -72,10 +84,7 @@ fn outputs(url: &str, value: &str) -> Vec<String> {
             );
         }
     }
-    record(
-        &mut out,
-        Config::builder().set("url", url).and_then(|b| b.build()),
-    );
+    // The value as a setting's name.
     record(
         &mut out,
         Config::builder()
@@ -109,7 +118,7 @@ struct Secret {
 
 /// The passwords `url` carries: the userinfo's, between the first `:` and
 /// the first `@` after the scheme (as the driver reads credentials), and
-/// any `password=` parameter's value up to the next `&`. Each raw; the
+/// the value of any `password=` parameter in the query. Each raw; the
 /// decoded forms are checked too when they differ.
 fn passwords(url: &str) -> Vec<Secret> {
     let mut found = Vec::new();
@@ -131,16 +140,25 @@ fn passwords(url: &str) -> Vec<Secret> {
             });
         }
     }
-    let mut search = 0;
-    while let Some(pos) = url[search..].find("password=") {
-        let start = search + pos + "password=".len();
-        let end = url[start..].find('&').map_or(url.len(), |i| start + i);
-        found.push(Secret {
-            text: url[start..end].to_owned(),
-            start,
-            end,
-        });
-        search = start;
+    // `password=` parameters of the query, which starts at the first `?`
+    // after the credentials.
+    let credentials_end = rest
+        .find(['@', '/'])
+        .filter(|&i| rest[i..].starts_with('@'))
+        .map_or(scheme_end, |i| scheme_end + i + 1);
+    if let Some(q) = url[credentials_end..].find('?') {
+        let mut start = credentials_end + q + 1;
+        for pair in url[start..].split('&') {
+            if let Some(value) = pair.strip_prefix("password=") {
+                let value_start = start + "password=".len();
+                found.push(Secret {
+                    text: value.to_owned(),
+                    start: value_start,
+                    end: value_start + value.len(),
+                });
+            }
+            start += pair.len() + 1;
+        }
     }
     let decoded: Vec<Secret> = found
         .iter()

@@ -51,6 +51,7 @@ pub(crate) async fn serve(args: PeerArgs) -> anyhow::Result<()> {
     );
     let sessions = SessionManagerLayer::new(store)
         .with_secure(false)
+        .with_same_site(tower_sessions::cookie::SameSite::Lax)
         .with_expiry(Expiry::OnInactivity(time::Duration::days(1)))
         .with_always_save(args.always_save);
     let app = Router::new()

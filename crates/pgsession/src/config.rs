@@ -800,7 +800,24 @@ impl ConfigBuilder {
                 ),
             ));
         }
-        let pool_max_size = self.pool_max_size.unwrap_or(self.pool_size * 2);
+        // The pool preallocates a slot per connection: refuse absurd sizes
+        // here rather than abort in `Store::new`. `pool_size * 2` overflowed
+        // (found by the `config` fuzz target).
+        if self.pool_size > MAX_POOL_SIZE {
+            return Err(ConfigError::invalid(
+                "pool_size",
+                format!("{} is more than {MAX_POOL_SIZE}", self.pool_size),
+            ));
+        }
+        let pool_max_size = self
+            .pool_max_size
+            .unwrap_or(self.pool_size.saturating_mul(2).min(MAX_POOL_SIZE));
+        if pool_max_size > MAX_POOL_SIZE {
+            return Err(ConfigError::invalid(
+                "pool_max_size",
+                format!("{pool_max_size} is more than {MAX_POOL_SIZE}"),
+            ));
+        }
         if pool_max_size < self.pool_size {
             return Err(ConfigError::invalid(
                 "pool_max_size",
@@ -873,6 +890,15 @@ impl ConfigBuilder {
     }
 }
 
+/// The largest pool accepted: far more connections than a session store
+/// needs, or than most servers allow.
+const MAX_POOL_SIZE: usize = 10_000;
+
+/// The longest duration accepted from text: far beyond any sensible
+/// setting, and short enough that sums and multiples of settings cannot
+/// overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 fn positive(setting: &str, value: usize) -> Result<(), ConfigError> {
     if value == 0 {
         return Err(ConfigError::invalid(setting, "must be at least 1"));
@@ -921,7 +947,14 @@ pub(crate) fn parse_duration(setting: &str, value: &str) -> Result<Duration, Con
         "d" => number * 86_400.0,
         _ => return Err(bad()),
     };
-    Duration::try_from_secs_f64(seconds).map_err(|_| bad())
+    let duration = Duration::try_from_secs_f64(seconds).map_err(|_| bad())?;
+    if duration > MAX_DURATION {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("{value:?} is more than 100 years"),
+        ));
+    }
+    Ok(duration)
 }
 
 /// Connection parameters libpq knows that tokio-postgres takes as they are.
@@ -966,7 +999,7 @@ fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsConfig), ConfigErr
             "expected a URL starting with postgres:// or postgresql://".into(),
         ));
     }
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let (base, query) = split_query(url)?;
     let mut tls = TlsConfig {
         sni: true,
         ..TlsConfig::default()
@@ -1011,6 +1044,41 @@ fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsConfig), ConfigErr
         return Err(invalid("no host given".into()));
     }
     Ok((pg, tls))
+}
+
+/// Splits a URL into the part before its query and the query, where libpq
+/// and the driver both see the query.
+///
+/// Credentials end at the first `@` met before any `/` (libpq's rule; the
+/// driver reads up to the first `@`). A password may hold `?`, so the query
+/// is looked for only after the credentials: splitting at the first `?`
+/// would cut such a password in two and repeat its end in an error message.
+/// Any other raw `@` is refused, without repeating the URL: the driver
+/// would read everything before it as credentials, mistaking a password
+/// for a host, or losing `sslmode` (a silent downgrade).
+fn split_query(url: &str) -> Result<(&str, &str), ConfigError> {
+    let refuse = || {
+        ConfigError::invalid(
+            "DATABASE_URL",
+            "has an `@` outside `user:password@`; write `@` in a password or a parameter as %40",
+        )
+    };
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[scheme_end..];
+    let after_credentials = match rest.find(['@', '/']) {
+        Some(i) if rest[i..].starts_with('@') => scheme_end + i + 1,
+        _ => scheme_end,
+    };
+    if url[after_credentials..].contains('@') {
+        return Err(refuse());
+    }
+    Ok(match url[after_credentials..].find('?') {
+        Some(i) => (
+            &url[..after_credentials + i],
+            &url[after_credentials + i + 1..],
+        ),
+        None => (url, ""),
+    })
 }
 
 #[cfg(test)]
@@ -1175,6 +1243,41 @@ mod tests {
     }
 
     #[test]
+    fn special_characters_in_a_password_neither_leak_nor_downgrade() {
+        // Found by the `config` fuzz target: the query was split at the
+        // first `?`, so a password holding one was cut in two and its end
+        // repeated in "unknown connection parameter" errors.
+        let c = build("postgres://app:pa?ss-word@db/app?sslmode=verify-full").unwrap();
+        assert_eq!(c.postgres().get_password(), Some(&b"pa?ss-word"[..]));
+        assert_eq!(c.postgres().get_user(), Some("app"));
+        assert_eq!(c.target(), "db:5432/app");
+        assert_eq!(c.tls().mode, SslMode::VerifyFull);
+        assert!(!format!("{c:?}").contains("ss-word"));
+        // A raw `@` anywhere else is refused without repeating the URL:
+        // in a password (the rest would be taken for the host) ...
+        for url in [
+            "postgres://app:p@ss-word@db/app",
+            "postgres://app:p/a?ss-word@db/app",
+            "postgres://app:pa?ss-word@@db/app",
+        ] {
+            let err = build(url).unwrap_err().to_string();
+            assert!(err.contains("%40"), "{url}: {err}");
+            assert!(!err.contains("ss-word"), "{url}: {err}");
+        }
+        // ... or, with no credentials, in a parameter, where the driver
+        // would read everything before it, sslmode included, as a user name.
+        let err = build("postgres://db/app?sslmode=verify-full&application_name=a@b").unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+        let c = build("postgres://db/app?sslmode=verify-full&application_name=a%40b").unwrap();
+        assert_eq!(c.tls().mode, SslMode::VerifyFull);
+        assert_eq!(c.postgres().get_application_name(), Some("a@b"));
+        assert_eq!(c.target(), "db:5432/app");
+        let c = build("postgres://app:p%40ss@db/app?sslmode=require").unwrap();
+        assert_eq!(c.postgres().get_password(), Some(&b"p@ss"[..]));
+        assert_eq!(c.tls().mode, SslMode::Require);
+    }
+
+    #[test]
     fn durations_parse() {
         let d = |v| parse_duration("x", v);
         assert_eq!(d("500ms").unwrap(), Duration::from_millis(500));
@@ -1185,5 +1288,32 @@ mod tests {
         for bad in ["", "s", "-1s", "1 fortnight", "1e999", "NaN"] {
             assert!(d(bad).is_err(), "{bad}");
         }
+        // Absurd values are refused, so that no sum of settings overflows.
+        assert!(d("36500d").is_ok());
+        assert!(d("36501d").is_err());
+        assert!(d("18446744073709551615").is_err());
+    }
+
+    #[test]
+    fn absurd_pool_sizes_are_refused_not_a_panic() {
+        // Found by the `config` fuzz target: `pool_size * 2` overflowed.
+        let max = usize::MAX.to_string();
+        for (setting, value) in [("pool_size", max.as_str()), ("pool_max_size", max.as_str())] {
+            let err = Config::builder()
+                .url("postgres://localhost/app")
+                .set(setting, value)
+                .unwrap()
+                .build()
+                .unwrap_err();
+            assert!(err.to_string().contains(setting), "{err}");
+        }
+        let c = build("postgres://localhost/app").unwrap();
+        assert_eq!(c.pool_max_size(), 10);
+        let c = Config::builder()
+            .url("postgres://localhost/app")
+            .pool_size(MAX_POOL_SIZE)
+            .build()
+            .unwrap();
+        assert_eq!(c.pool_max_size(), MAX_POOL_SIZE);
     }
 }

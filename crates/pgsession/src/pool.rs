@@ -261,26 +261,16 @@ impl Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         // Still holding the connection: the operation was abandoned midway.
-        if let Some(conn) = self.conn.take() {
-            let token: CancelToken = conn.cancel_token();
-            drop(Object::take(conn));
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let tls = self.tls.clone();
-                runtime.spawn(async move {
-                    // PostgreSQL (15, seen here) now and then misses a cancel
-                    // request that lands while the backend is between protocol
-                    // messages; a second one shortly after does land.
-                    for attempt in 0..2 {
-                        if attempt > 0 {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        if let Err(e) = token.cancel_query(tls.clone()).await {
-                            tracing::debug!(target: "session_pool", error = %e, "could not cancel abandoned query");
-                            return;
-                        }
-                    }
-                });
-            }
+        let Some(conn) = self.conn.take() else { return };
+        let token: CancelToken = conn.cancel_token();
+        drop(Object::take(conn));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let tls = self.tls.clone();
+            runtime.spawn(async move {
+                if let Err(e) = token.cancel_query(tls).await {
+                    tracing::debug!(target: "session_pool", error = %e, "could not cancel an abandoned query");
+                }
+            });
         }
     }
 }

@@ -432,12 +432,12 @@ impl CookieData {
                 },
                 "expires" => match value {
                     Value::Null => None,
-                    Value::String(ref s) => match OffsetDateTime::parse(s, &Rfc3339) {
-                        Ok(date) => {
+                    Value::String(ref s) => match parse_js_date(s) {
+                        Some(date) => {
                             cookie.expires = Some(date);
                             None
                         }
-                        Err(_) => Some(value),
+                        None => Some(value),
                     },
                     other => Some(other),
                 },
@@ -612,6 +612,22 @@ pub fn to_js_iso_string(date: OffsetDateTime) -> String {
         .checked_to_offset(UtcOffset::UTC)
         .unwrap_or_else(|| clamp_datetime(date.year() > 0));
     utc.format(JS_ISO).unwrap_or_default()
+}
+
+/// Reads a stored `expires` as JavaScript's `Date` keeps it: RFC 3339, in
+/// UTC, truncated to whole milliseconds, so that [`to_js_iso_string`] writes
+/// back the same moment. `None` when it is not RFC 3339 or falls outside
+/// years 0 to 9999 in UTC (`toISOString` would write it differently); such
+/// a value is kept verbatim in [`CookieData::extra`].
+fn parse_js_date(text: &str) -> Option<OffsetDateTime> {
+    let utc = OffsetDateTime::parse(text, &Rfc3339)
+        .ok()?
+        .checked_to_offset(UtcOffset::UTC)?;
+    if !(0..=9999).contains(&utc.year()) {
+        return None;
+    }
+    utc.replace_nanosecond(u32::from(utc.millisecond()) * 1_000_000)
+        .ok()
 }
 
 /// The latest (or earliest) representable moment, in UTC.
@@ -819,6 +835,36 @@ mod tests {
         // And via serde.
         assert!(serde_json::from_str::<SessionRecord>("[]").is_err());
         assert!(serde_json::from_str::<SessionRecord>(EXPRESS_DOC).is_ok());
+    }
+
+    #[test]
+    fn expires_is_read_as_a_javascript_date() {
+        // Found by the `record` fuzz target: a sub-millisecond `expires`
+        // was kept to the nanosecond but written back to the millisecond,
+        // so a session read and written back changed. JavaScript's Date
+        // truncates to the millisecond; so does reading now.
+        let record = parse(r#"{"cookie":{"expires":"2026-11-26T19:23:35.0842Z"}}"#);
+        assert_eq!(
+            record.cookie.expires,
+            Some(datetime!(2026-11-26 19:23:35.084 UTC))
+        );
+        assert_eq!(parse(&record.to_json()), record);
+        // Dates toISOString could not write back the same way (outside
+        // years 0 to 9999 in UTC) are kept verbatim rather than changed.
+        for odd in ["9999-12-31T23:00:00-05:00", "0000-01-01T00:00:00+01:00"] {
+            let doc = format!(r#"{{"cookie":{{"expires":"{odd}"}}}}"#);
+            let record = parse(&doc);
+            assert_eq!(record.cookie.expires, None, "{odd}");
+            assert_eq!(record.cookie.extra["expires"], Value::from(odd));
+            assert_eq!(parse(&record.to_json()), record, "{odd}");
+        }
+        // Other offsets are the same moment in UTC.
+        let record = parse(r#"{"cookie":{"expires":"2026-11-27T01:30:00.123456+07:30"}}"#);
+        assert_eq!(
+            record.cookie.expires,
+            Some(datetime!(2026-11-26 18:00:00.123 UTC))
+        );
+        assert_eq!(parse(&record.to_json()), record);
     }
 
     #[test]

@@ -137,8 +137,11 @@ async fn a_query_past_the_timeout_is_cancelled_on_the_server() {
         "{err}"
     );
     // The server no longer runs the abandoned statement.
+    // Watched from a connection of its own: inside the locker's transaction
+    // pg_stat_activity would show one snapshot for ever.
+    let watcher = db.client().await.unwrap();
     wait_for("the query to be cancelled", async || {
-        let waiting: i64 = locker
+        let waiting: i64 = watcher
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'slow' AND state = 'active'",
                 &[],

@@ -20,6 +20,7 @@ mod pool;
 pub mod record;
 mod resilience;
 mod schema;
+mod sizing;
 mod store;
 mod tls;
 #[cfg(feature = "tower-sessions")]

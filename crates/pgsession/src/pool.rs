@@ -134,7 +134,10 @@ impl SessionPool {
     /// Takes a connection, waiting at most the acquire timeout for a free
     /// slot and the connect timeout for a new connection.
     pub(crate) async fn checkout(&self) -> Result<Checkout, Error> {
-        match self.pool.get().await {
+        let started = std::time::Instant::now();
+        let got = self.pool.get().await;
+        metrics::histogram!("pgsession_pool_acquire_seconds").record(started.elapsed());
+        match got {
             Ok(conn) => Ok(Checkout {
                 conn: Some(conn),
                 tls: self.tls.clone(),
@@ -166,7 +169,6 @@ impl SessionPool {
     }
 
     /// Changes the maximum size (the self-sizing pool).
-    #[allow(dead_code)]
     pub(crate) fn resize(&self, max: usize) {
         self.pool.resize(max);
     }

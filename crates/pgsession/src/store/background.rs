@@ -13,6 +13,10 @@ use crate::health::CheckResult;
 use crate::resilience::breaker::BreakerState;
 use crate::resilience::fallback::Pending;
 use crate::resilience::{retry, spool};
+use crate::sizing::{Resize, Sizer};
+
+/// How often the pool is tended (idle connections, warm minimum, size).
+const UPKEEP_TICK: Duration = Duration::from_millis(500);
 
 /// How often the recovery looks at the breaker and the journal.
 const RECOVERY_TICK: Duration = Duration::from_millis(100);
@@ -33,7 +37,10 @@ impl Store {
             }
             attempt += 1;
             match self.ensure_schema().await {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.refresh_server_free().await;
+                    return;
+                }
                 Err(e) if attempt < total => tracing::warn!(
                     target: "session_store",
                     attempt, of = total, error = %e,
@@ -54,14 +61,40 @@ impl Store {
 
     /// Pool upkeep: idle connections closed, the warm minimum kept open.
     pub(super) async fn upkeep(self) {
-        let period = (self.inner.config.idle_timeout() / 4)
-            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let config = &self.inner.config;
+        let period = UPKEEP_TICK;
+        let mut sizer = Sizer::new(
+            config.pool_size(),
+            config.pool_max_size(),
+            config.idle_timeout(),
+            period,
+        );
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = self.inner.shutdown.cancelled() => return,
-                _ = tick.tick() => self.inner.pool.maintain(),
+                _ = tick.tick() => {}
+            }
+            self.inner.pool.maintain();
+            let free = self
+                .inner
+                .server_free
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let free = (free != usize::MAX).then_some(free);
+            if let Some(resize) = sizer.observe(self.pool_status(), free) {
+                self.inner.pool.resize(resize.to());
+                metrics::counter!("pgsession_pool_resizes_total", "direction" => resize.direction()).increment(1);
+                let message = match resize {
+                    Resize::Grow { from, to } => {
+                        format!("pool grown from {from} to {to}: callers kept waiting")
+                    }
+                    Resize::Shrink { from, to } => {
+                        format!("pool shrunk from {from} to {to}: connections stayed idle")
+                    }
+                };
+                tracing::info!(target: "session_pool", "{message}");
+                self.inner.events.push("pool_resized", message);
             }
         }
     }
@@ -244,10 +277,39 @@ impl Store {
                     format!("health check took {:.0} ms", check.latency_ms),
                 );
             }
-            Ok(()) => self.inner.breaker.record_success(),
+            Ok(()) => {
+                self.inner.breaker.record_success();
+                self.refresh_server_free().await;
+            }
         }
         self.inner.events.set_check(check);
         check
+    }
+
+    /// Asks the server how many more connections it would accept, for the
+    /// self-sizing pool's ceiling.
+    pub(super) async fn refresh_server_free(&self) {
+        let sql = "SELECT current_setting('max_connections')::int \
+                   - current_setting('superuser_reserved_connections')::int \
+                   - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int";
+        let free = self
+            .run_db(
+                "health",
+                self.inner.config.slow_check_threshold(),
+                true,
+                |conn| async move {
+                    let result =
+                        async { Ok(conn.client().query_one(sql, &[]).await?.get::<_, i32>(0)) }
+                            .await;
+                    (conn, result)
+                },
+            )
+            .await;
+        if let Ok(free) = free {
+            self.inner
+                .server_free
+                .store(free.max(0) as usize, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// At start-up: takes back the journal an earlier run spooled.

@@ -61,6 +61,8 @@ pub struct ServerInfo {
     pub statement_timeout: String,
     /// Whether the server is a read-only standby.
     pub in_recovery: bool,
+    /// The server process of the connection that answered.
+    pub backend_pid: i32,
 }
 
 /// The session store on PostgreSQL. Cheap to clone; clones share one pool.
@@ -107,6 +109,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// Set at the end of [`Store::close`]: operations are refused.
     closed: AtomicBool,
+    /// Connections the server would still accept (`usize::MAX`: unknown).
+    server_free: std::sync::atomic::AtomicUsize,
     tasks: tokio_util::task::TaskTracker,
 }
 
@@ -150,6 +154,7 @@ impl Store {
                 claimed_spool: Mutex::new(Vec::new()),
                 shutdown: CancellationToken::new(),
                 closed: AtomicBool::new(false),
+                server_free: std::sync::atomic::AtomicUsize::new(usize::MAX),
                 tasks: tokio_util::task::TaskTracker::new(),
             }),
         };
@@ -255,7 +260,7 @@ impl Store {
                         .client()
                         .query_one(
                             "SELECT version(), current_setting('TimeZone'), \
-                         current_setting('statement_timeout'), pg_is_in_recovery()",
+                         current_setting('statement_timeout'), pg_is_in_recovery(), pg_backend_pid()",
                             &[],
                         )
                         .await?;
@@ -264,6 +269,7 @@ impl Store {
                         time_zone: row.get(1),
                         statement_timeout: row.get(2),
                         in_recovery: row.get(3),
+                    backend_pid: row.get(4),
                     })
                 }
                 .await;

@@ -49,11 +49,17 @@ async fn a_store_started_while_the_database_is_stopped_starts_anyway() {
     // the journal; either way it reaches the database, creating the table.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let table: bool =
-            scalar(&db, "SELECT to_regclass('public.session_store') IS NOT NULL").await;
+        let table: bool = scalar(
+            &db,
+            "SELECT to_regclass('public.session_store') IS NOT NULL",
+        )
+        .await;
         let stored = table
-            && scalar::<bool>(&db, "SELECT EXISTS (SELECT 1 FROM session_store WHERE sid = 'sid')")
-                .await;
+            && scalar::<bool>(
+                &db,
+                "SELECT EXISTS (SELECT 1 FROM session_store WHERE sid = 'sid')",
+            )
+            .await;
         if stored {
             break;
         }

@@ -106,6 +106,21 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "PGSESSION_COOKIE_SECURE", value_enum, default_value_t = CookieSecureArg::Auto)]
     pub(crate) cookie_secure: CookieSecureArg,
 
+    /// Renew the session's expiry on every request (express-session's
+    /// `rolling`); the row itself is written at most once per touch step.
+    #[arg(long, env = "PGSESSION_ROLLING", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub(crate) rolling: bool,
+
+    /// Cookie lifetime (sets `Expires`); unset for a browser-session cookie
+    /// whose row lives `PGSESSION_LIFETIME`.
+    #[arg(long, env = "PGSESSION_MAX_AGE", value_parser = parse_duration, value_name = "DURATION")]
+    pub(crate) max_age: Option<Duration>,
+
+    /// An unchanged session's expiry is written only when it would move by
+    /// more than this, so that a page view is not a write.
+    #[arg(long, env = "PGSESSION_TOUCH_STEP", default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub(crate) touch_step: Duration,
+
     /// How long requests in flight may take to finish after SIGTERM or
     /// SIGINT (500ms, 10s, 1m, ...).
     #[arg(long, env = "PGSESSION_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]

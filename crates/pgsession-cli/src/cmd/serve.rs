@@ -238,11 +238,6 @@ async fn serve(
     args: &ServeArgs,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let secure = match args.cookie_secure {
-        CookieSecureArg::Always => CookieSecure::Always,
-        CookieSecureArg::Never => CookieSecure::Never,
-        CookieSecureArg::Auto => CookieSecure::Auto,
-    };
     let stop_tasks = CancellationToken::new();
     metrics::install();
     metrics::spawn_upkeep(stop_tasks.clone());
@@ -252,6 +247,7 @@ async fn serve(
             let layer = pgsession::http::SessionLayer::new(store.clone(), secrets)
                 .with_lifetime(store.config().lifetime())
                 .with_max_session_bytes(store.config().max_session_bytes());
+            let layer = session_options(layer, args);
             let state = AppState {
                 store: Some(store.clone()),
                 kind: if embedded.is_some() {
@@ -264,7 +260,10 @@ async fn serve(
             (layer, state)
         }
         Backend::Memory(memory) => {
-            let layer = pgsession::http::SessionLayer::new(memory.clone(), secrets);
+            let layer = session_options(
+                pgsession::http::SessionLayer::new(memory.clone(), secrets),
+                args,
+            );
             let state = AppState {
                 store: None,
                 kind: StoreKind::Memory,
@@ -274,7 +273,7 @@ async fn serve(
         }
     };
     let in_flight = state.in_flight.clone();
-    let app = routes::router(state, layer.with_cookie_secure(secure));
+    let app = routes::router(state, layer);
 
     tracing::info!("listening on http://{addr}");
     let server = axum::serve(listener, app)
@@ -314,4 +313,21 @@ async fn grace_period_over(shutdown: &Shutdown, grace: Duration, in_flight: &Ato
         () = tokio::time::sleep(grace) => {}
         () = shutdown.immediate.cancelled() => {}
     }
+}
+
+/// The layer options `serve` takes from its flags.
+fn session_options(
+    layer: pgsession::http::SessionLayer,
+    args: &ServeArgs,
+) -> pgsession::http::SessionLayer {
+    let secure = match args.cookie_secure {
+        CookieSecureArg::Always => CookieSecure::Always,
+        CookieSecureArg::Never => CookieSecure::Never,
+        CookieSecureArg::Auto => CookieSecure::Auto,
+    };
+    layer
+        .with_cookie_secure(secure)
+        .with_rolling(args.rolling)
+        .with_max_age(args.max_age)
+        .with_touch_step(args.touch_step)
 }

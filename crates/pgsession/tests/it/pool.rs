@@ -43,7 +43,10 @@ async fn a_connection_is_replaced_after_its_maximum_uses() {
     assert!(uses.values().all(|&n| n <= 3), "{uses:?}");
     assert!(uses.len() >= 4, "{uses:?}");
     assert!(store.pool_status().opened_total >= 4);
-    assert!(backends(&db, "maxuses").await <= 1, "replaced connections are closed");
+    assert!(
+        backends(&db, "maxuses").await <= 1,
+        "replaced connections are closed"
+    );
     store.close().await;
 }
 

@@ -198,7 +198,7 @@ pub(crate) fn store_table(rows: &[StoreRow]) -> String {
     out
 }
 
-/// nproc, memory and CPU model, from /proc.
+/// nproc, memory, CPU model and load average, from /proc.
 pub(crate) fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -215,5 +215,11 @@ pub(crate) fn machine() -> String {
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
         .map_or("?".into(), |kib| format!("{:.1}", kib / 1024.0 / 1024.0));
-    format!("machine: {cpus} CPUs ({model}), {mem_gib} GiB memory")
+    // Other work on the machine skews every figure: show how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "machine: {cpus} CPUs ({model}), {mem_gib} GiB memory; load average {}",
+        load.join(" ")
+    )
 }

@@ -927,7 +927,14 @@ fn parse_bool(setting: &str, value: &str) -> Result<bool, ConfigError> {
 ///
 /// Written here rather than taken from a crate: five units do not justify a
 /// dependency, and the error must name our setting.
-pub(crate) fn parse_duration(setting: &str, value: &str) -> Result<Duration, ConfigError> {
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(pgsession::config::parse_duration("grace", "1.5s")?, Duration::from_millis(1500));
+/// assert!(pgsession::config::parse_duration("grace", "soon").unwrap_err().to_string().contains("grace"));
+/// # Ok::<(), pgsession::ConfigError>(())
+/// ```
+pub fn parse_duration(setting: &str, value: &str) -> Result<Duration, ConfigError> {
     let bad = || {
         ConfigError::invalid(
             setting,

@@ -34,9 +34,10 @@ pub enum Error {
         after: Duration,
     },
 
-    /// The driver or the server reported an error.
+    /// The driver or the server reported an error. Its message already
+    /// carries the driver's cause, so it is not repeated as a `source`.
     #[error("PostgreSQL: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    Postgres(tokio_postgres::Error),
 
     /// The store was closed and no longer accepts operations.
     #[error("the session store is closed")]
@@ -156,6 +157,12 @@ impl Error {
     /// away rather than returned to the pool.
     pub(crate) fn poisons_connection(&self) -> bool {
         self.is_transient() && !matches!(self, Error::AcquireTimeout(_) | Error::Unavailable)
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Error::Postgres(error)
     }
 }
 

@@ -7,7 +7,24 @@
 //!   operations retried on transient errors, and a pruner;
 //! - express-session compatibility ([`cookie`], [`record`]): signed cookies
 //!   and stored documents a Node service can share;
-//! - the HTTP layer: a tower `Layer` and an axum extractor.
+//! - the HTTP layer ([`http`]): a tower `Layer` and an axum extractor.
+//!
+//! ```no_run
+//! use axum::{routing::post, Router};
+//! use pgsession::{cookie::Secrets, http::{Session, SessionError, SessionLayer}, Config, Store};
+//!
+//! async fn count(session: Session) -> Result<String, SessionError> {
+//!     let views = session.get::<u64>("views").await?.unwrap_or(0) + 1;
+//!     session.insert("views", views).await?; // saved before the response leaves
+//!     Ok(views.to_string())
+//! }
+//!
+//! # async fn app() -> Result<Router, Box<dyn std::error::Error>> {
+//! let store = Store::new(Config::from_env()?)?; // DATABASE_URL, PGSESSION_*
+//! let secrets = Secrets::parse_list(&std::env::var("SESSION_SECRET")?)?;
+//! Ok(Router::new().route("/count", post(count)).layer(SessionLayer::new(store, secrets)))
+//! # }
+//! ```
 
 mod backend;
 pub mod config;

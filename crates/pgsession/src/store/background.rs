@@ -38,7 +38,8 @@ impl Store {
             attempt += 1;
             match self.ensure_schema().await {
                 Ok(()) => {
-                    self.refresh_server_free().await;
+                    // A first health check at once, so `/health` has one.
+                    self.run_check().await;
                     return;
                 }
                 Err(e) if attempt < total => tracing::warn!(

@@ -88,7 +88,19 @@ impl Store {
         Ok(row.and_then(|row| {
             // NULL only in a table another program altered: no session.
             let json: Option<String> = row.get(0);
+            let limit = self.inner.config.max_session_bytes();
             match json {
+                // Written by another program (this store never saves one):
+                // not parsed, no session.
+                Some(json) if json.len() > limit => {
+                    tracing::warn!(
+                        target: "session_store",
+                        bytes = json.len(),
+                        limit,
+                        "stored session is over max_session_bytes; treated as no session"
+                    );
+                    None
+                }
                 Some(json) => Some(StoredSession { json, expire: row.get::<_, PrimitiveDateTime>(1).assume_utc() }),
                 None => {
                     tracing::warn!(target: "session_store", "stored session has a NULL document; treated as no session");

@@ -183,6 +183,17 @@ impl Store {
         self.ensure_schema().await
     }
 
+    /// Waits for the start-up sequence (with its retries) to make the store
+    /// ready, at most `timeout`; then makes one last attempt and returns its
+    /// error if the store is still not ready.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.is_ready() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.ready().await
+    }
+
     /// The pool's figures now.
     pub fn pool_status(&self) -> PoolStatus {
         self.inner.pool.status()

@@ -16,3 +16,8 @@ mod prune;
 mod pool;
 // The HTTP layer on the real store.
 mod http;
+// Hostile input and secrets: limits, session ids, fixation, signatures,
+// rotation, rows written by others, nothing secret in logs or errors.
+mod security;
+// TLS to the database: verification under each sslmode, the insecure opt-in.
+mod tls;

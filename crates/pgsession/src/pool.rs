@@ -20,7 +20,8 @@ use deadpool_postgres::{
     Timeouts,
 };
 use tokio::task::JoinHandle;
-use tokio_postgres::CancelToken;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{CancelToken, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{Config, PoolerMode};
@@ -68,6 +69,11 @@ impl std::fmt::Debug for SessionPool {
 struct Shared {
     /// Cleared when the server refuses startup options (a pooler).
     startup_options: AtomicBool,
+    /// Behind a transaction pooler: unnamed statements only. Set by the
+    /// configuration, or when the server refuses startup options (only
+    /// poolers do; whether in session or transaction mode cannot be told,
+    /// so the mode that works in both is used).
+    pooled: AtomicBool,
     opened_total: AtomicU64,
     warming: AtomicBool,
 }
@@ -78,6 +84,7 @@ impl SessionPool {
         let tls = crate::tls::connector(config.tls())?;
         let shared = Arc::new(Shared {
             startup_options: AtomicBool::new(config.pooler() == PoolerMode::Direct),
+            pooled: AtomicBool::new(config.pooler() == PoolerMode::Transaction),
             ..Shared::default()
         });
         let mut options = config
@@ -141,6 +148,7 @@ impl SessionPool {
             Ok(conn) => Ok(Checkout {
                 conn: Some(conn),
                 tls: self.tls.clone(),
+                unnamed: self.is_pooled(),
             }),
             Err(e) => Err(match Error::from(e) {
                 Error::AcquireTimeout(_) => Error::AcquireTimeout(self.acquire_timeout),
@@ -161,6 +169,12 @@ impl SessionPool {
             max: s.max_size,
             opened_total: self.shared.opened_total.load(Ordering::Relaxed),
         }
+    }
+
+    /// Whether the pool talks to a transaction pooler (unnamed statements,
+    /// transaction-scoped locks).
+    pub(crate) fn is_pooled(&self) -> bool {
+        self.shared.pooled.load(Ordering::Relaxed)
     }
 
     /// Whether connections carry the startup options (false behind a pooler).
@@ -232,7 +246,14 @@ impl SessionPool {
 pub(crate) struct Checkout {
     conn: Option<Object>,
     tls: MakeRustlsConnect,
+    /// Send unnamed statements (a transaction pooler may run each
+    /// transaction on another server connection, where a named prepared
+    /// statement does not exist).
+    unnamed: bool,
 }
+
+/// Parameters of a statement, with the types they are sent as.
+pub(crate) type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
 
 impl Checkout {
     /// The client, for the duration of the operation.
@@ -240,6 +261,60 @@ impl Checkout {
         self.conn
             .as_ref()
             .expect("connection present until the checkout ends")
+    }
+
+    /// Whether statements go unnamed (behind a transaction pooler).
+    pub(crate) fn is_pooled(&self) -> bool {
+        self.unnamed
+    }
+
+    /// Runs `sql` and returns its one row, if any: a cached prepared
+    /// statement on a direct connection, an unnamed one behind a pooler.
+    pub(crate) async fn query_opt(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let client = self.client();
+        if self.unnamed {
+            return client.query_typed_opt(sql, params).await;
+        }
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        let stmt = client.prepare_typed_cached(sql, &types).await?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        client.query_opt(&stmt, &values).await
+    }
+
+    /// Runs `sql` and returns its one row, as [`Checkout::query_opt`].
+    pub(crate) async fn query_one(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Row, tokio_postgres::Error> {
+        let client = self.client();
+        if self.unnamed {
+            return client.query_typed_one(sql, params).await;
+        }
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        let stmt = client.prepare_typed_cached(sql, &types).await?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        client.query_one(&stmt, &values).await
+    }
+
+    /// Runs `sql` and returns the rows it affected, as [`Checkout::query_opt`].
+    pub(crate) async fn execute(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let client = self.client();
+        if self.unnamed {
+            return client.execute_typed(sql, params).await;
+        }
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        let stmt = client.prepare_typed_cached(sql, &types).await?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        client.execute(&stmt, &values).await
     }
 
     /// Throws the connection away (its state is unknown, e.g. inside a
@@ -304,10 +379,12 @@ impl Connect for SessionConnector {
                     Ok(pair) => return Ok(self.spawn(pair)),
                     Err(e) if refuses_startup_options(&e) => {
                         self.shared.startup_options.store(false, Ordering::Relaxed);
+                        self.shared.pooled.store(true, Ordering::Relaxed);
                         tracing::warn!(
                             target: "session_pool",
                             "the server refused startup options (a pooler?); \
-                             statement timeouts are now enforced by the client only"
+                             statement timeouts are now enforced by the client only, \
+                             and statements are sent unnamed"
                         );
                     }
                     Err(e) => return Err(e),

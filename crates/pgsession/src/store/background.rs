@@ -300,8 +300,7 @@ impl Store {
                 true,
                 |conn| async move {
                     let result =
-                        async { Ok(conn.client().query_one(sql, &[]).await?.get::<_, i32>(0)) }
-                            .await;
+                        async { Ok(conn.query_one(sql, &[]).await?.get::<_, i32>(0)) }.await;
                     (conn, result)
                 },
             )

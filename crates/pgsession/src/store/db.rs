@@ -8,8 +8,9 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 
 use super::{to_timestamp, Inner, Store, StoredSession};
 use crate::error::Error;
-use crate::pool::Checkout;
+use crate::pool::{Checkout, Params};
 use crate::resilience::retry;
+use tokio_postgres::types::{ToSql, Type};
 
 impl Store {
     /// Runs one query on a pooled connection, retried on transient errors
@@ -77,9 +78,9 @@ impl Store {
         let row = self
             .run_db("load", deadline, bypass, |conn| async move {
                 let result = async {
-                    let client = conn.client();
-                    let stmt = client.prepare_cached(&self.inner.sql.load).await?;
-                    Ok(client.query_opt(&stmt, &[&sid]).await?)
+                    Ok(conn
+                        .query_opt(&self.inner.sql.load, &[(&sid, Type::VARCHAR)])
+                        .await?)
                 }
                 .await;
                 (conn, result)
@@ -130,13 +131,13 @@ impl Store {
     ) -> Result<(), Error> {
         let expire = to_timestamp(expire);
         self.run_db("save", deadline, bypass, |conn| async move {
-            let result = async {
-                let client = conn.client();
-                let stmt = client.prepare_cached(&self.inner.sql.save).await?;
-                client.execute(&stmt, &[&sid, &json, &expire]).await?;
-                Ok(())
-            }
-            .await;
+            let params: &Params = &[
+                (&sid, Type::VARCHAR),
+                (&json, Type::TEXT),
+                (&expire, Type::TIMESTAMP),
+            ];
+            let result =
+                async { Ok(conn.execute(&self.inner.sql.save, params).await.map(drop)?) }.await;
             (conn, result)
         })
         .await
@@ -156,12 +157,8 @@ impl Store {
     ) -> Result<bool, Error> {
         let expire = to_timestamp(expire);
         self.run_db("touch", deadline, bypass, |conn| async move {
-            let result = async {
-                let client = conn.client();
-                let stmt = client.prepare_cached(&self.inner.sql.touch).await?;
-                Ok(client.execute(&stmt, &[&sid, &expire]).await? > 0)
-            }
-            .await;
+            let params: &Params = &[(&sid, Type::VARCHAR), (&expire, Type::TIMESTAMP)];
+            let result = async { Ok(conn.execute(&self.inner.sql.touch, params).await? > 0) }.await;
             (conn, result)
         })
         .await
@@ -179,10 +176,10 @@ impl Store {
     ) -> Result<(), Error> {
         self.run_db("destroy", deadline, bypass, |conn| async move {
             let result = async {
-                let client = conn.client();
-                let stmt = client.prepare_cached(&self.inner.sql.destroy).await?;
-                client.execute(&stmt, &[&sid]).await?;
-                Ok(())
+                Ok(conn
+                    .execute(&self.inner.sql.destroy, &[(&sid, Type::VARCHAR)])
+                    .await
+                    .map(drop)?)
             }
             .await;
             (conn, result)
@@ -233,13 +230,13 @@ impl Store {
 /// transaction lock so that instances starting together do not collide.
 async fn create_schema(conn: &Checkout, inner: &Inner) -> Result<(), Error> {
     let sql = &inner.sql;
-    let client = conn.client();
-    let table: bool = client
-        .query_one(sql.table_exists.as_str(), &[&sql.qualified])
+    let qualified = (&sql.qualified as &(dyn ToSql + Sync), Type::TEXT);
+    let table: bool = conn
+        .query_one(&sql.table_exists, &[qualified.clone()])
         .await?
         .get(0);
-    let index: bool = client
-        .query_one(sql.expire_index_exists.as_str(), &[&sql.qualified])
+    let index: bool = conn
+        .query_one(&sql.expire_index_exists, &[qualified.clone()])
         .await?
         .get(0);
     if table && index {
@@ -255,33 +252,36 @@ async fn create_schema(conn: &Checkout, inner: &Inner) -> Result<(), Error> {
         )));
     }
     let key = format!("pgsession:schema:{}", sql.lock_name);
+    let client = conn.client();
     // A transaction-scoped lock: released at commit or when the link drops,
     // and valid behind a transaction pooler too.
     client.batch_execute("BEGIN").await?;
-    let txn = client;
-    txn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&key])
-        .await?;
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[(&key, Type::TEXT)],
+    )
+    .await?;
     if inner.config.schema().as_str() != "public" {
-        let present: bool = txn
+        let present: bool = conn
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-                &[&inner.config.schema().as_str()],
+                &[(&inner.config.schema().as_str(), Type::TEXT)],
             )
             .await?
             .get(0);
         if !present {
-            txn.batch_execute(&sql.create_schema).await?;
+            client.batch_execute(&sql.create_schema).await?;
         }
     }
-    txn.batch_execute(&sql.create_table).await?;
-    let index: bool = txn
-        .query_one(sql.expire_index_exists.as_str(), &[&sql.qualified])
+    client.batch_execute(&sql.create_table).await?;
+    let index: bool = conn
+        .query_one(&sql.expire_index_exists, &[qualified])
         .await?
         .get(0);
     if !index {
-        txn.batch_execute(&sql.create_index).await?;
+        client.batch_execute(&sql.create_index).await?;
     }
-    txn.batch_execute("COMMIT").await?;
+    client.batch_execute("COMMIT").await?;
     Ok(())
 }
 

@@ -268,7 +268,6 @@ impl Store {
             |conn| async move {
                 let result = async {
                     let row = conn
-                        .client()
                         .query_one(
                             "SELECT version(), current_setting('TimeZone'), \
                          current_setting('statement_timeout'), pg_is_in_recovery(), pg_backend_pid()",
@@ -442,9 +441,7 @@ impl Store {
             false,
             |conn| async move {
                 let result = async {
-                    let client = conn.client();
-                    let stmt = client.prepare_cached(sql).await?;
-                    let n: i64 = client.query_one(&stmt, &[]).await?.get(0);
+                    let n: i64 = conn.query_one(sql, &[]).await?.get(0);
                     Ok(n.max(0) as u64)
                 }
                 .await;
@@ -461,11 +458,7 @@ impl Store {
             self.inner.config.query_timeout(),
             false,
             |conn| async move {
-                let result = async {
-                    let client = conn.client();
-                    Ok(client.execute(self.inner.sql.clear.as_str(), &[]).await?)
-                }
-                .await;
+                let result = async { Ok(conn.execute(&self.inner.sql.clear, &[]).await?) }.await;
                 (conn, result)
             },
         )

@@ -1,9 +1,16 @@
 //! Pruning: expired rows deleted in batches, by one instance at a time, on
 //! a randomized schedule.
 
+use tokio_postgres::types::Type;
+
 use super::db::bounded;
-use super::Store;
+use super::{record, Outcome, Store};
 use crate::error::Error;
+use crate::pool::{Checkout, Params};
+
+const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext($1))";
+const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext($1))";
+const TRY_XACT_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext($1))";
 
 /// What one prune did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,64 +38,132 @@ impl Store {
     /// after each batch.
     pub async fn prune_with_progress(
         &self,
-        mut progress: impl FnMut(u64) + Send,
+        progress: impl FnMut(u64) + Send,
     ) -> Result<PruneOutcome, Error> {
-        self.ensure_schema().await?;
-        let deadline = self.inner.config.query_timeout();
-        let batch = self.inner.config.prune_batch_size() as i64;
-        let sql = &self.inner.sql;
-        let key = format!("pgsession:prune:{}", sql.lock_name);
-
-        let conn = self.inner.pool.checkout().await?;
+        let started = std::time::Instant::now();
         let result = async {
-            let client = conn.client();
-            let locked: bool = bounded("prune", deadline, async {
-                Ok(client
-                    .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
-                    .await?)
-            })
-            .await?
-            .get(0);
-            if !locked {
-                return Ok(PruneOutcome::Skipped);
+            self.ensure_schema().await?;
+            let conn = self.inner.pool.checkout().await?;
+            let result = if conn.is_pooled() {
+                self.prune_in_transactions(&conn, progress).await
+            } else {
+                self.prune_under_session_lock(&conn, progress).await
+            };
+            match &result {
+                Ok(_) => conn.finish(&result),
+                // A lock or a transaction may still be open: let the server
+                // release it with the connection.
+                Err(_) => conn.discard(),
             }
-            let deleting = async {
-                let stmt = client.prepare_cached(&sql.prune_batch).await?;
-                let (mut deleted, mut batches) = (0, 0);
-                loop {
-                    let n = bounded("prune", deadline, async {
-                        Ok(client.execute(&stmt, &[&batch]).await?)
-                    })
-                    .await?;
-                    deleted += n;
-                    batches += 1;
-                    progress(deleted);
-                    if n < batch as u64 || self.inner.shutdown.is_cancelled() {
-                        return Ok::<_, Error>(PruneOutcome::Pruned { deleted, batches });
-                    }
-                }
-            }
-            .await;
-            // Unlock even after a failed batch; if this fails too, the
-            // connection is dropped and the server releases the lock.
-            bounded("prune", deadline, async {
-                Ok(client
-                    .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&key])
-                    .await?)
-            })
-            .await?;
-            deleting
+            result
         }
         .await;
-        match &result {
-            Ok(_) => conn.finish(&result),
-            // The lock may still be held: let the server release it.
-            Err(_) => conn.discard(),
-        }
+        let outcome = if result.is_ok() {
+            Outcome::Ok
+        } else {
+            Outcome::Error
+        };
+        record("prune", started, &result, outcome);
         if let Ok(PruneOutcome::Pruned { deleted, batches }) = result {
             tracing::info!(target: "session_store", deleted, batches, "pruned expired sessions");
         }
         result
+    }
+
+    /// Direct connection: a session advisory lock held over all batches.
+    async fn prune_under_session_lock(
+        &self,
+        conn: &Checkout,
+        mut progress: impl FnMut(u64) + Send,
+    ) -> Result<PruneOutcome, Error> {
+        let deadline = self.inner.config.query_timeout();
+        let key = self.prune_lock_key();
+        let lock: &Params = &[(&key, Type::TEXT)];
+        let locked: bool = bounded("prune", deadline, async {
+            Ok(conn.query_one(TRY_LOCK, lock).await?)
+        })
+        .await?
+        .get(0);
+        if !locked {
+            return Ok(PruneOutcome::Skipped);
+        }
+        let (mut deleted, mut batches) = (0, 0);
+        let deleting = loop {
+            match self.prune_batch(conn).await {
+                Ok(n) => {
+                    deleted += n;
+                    batches += 1;
+                    progress(deleted);
+                    if n < self.batch_size() as u64 || self.inner.shutdown.is_cancelled() {
+                        break Ok(PruneOutcome::Pruned { deleted, batches });
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        // Unlock even after a failed batch; if this fails too, the
+        // connection is dropped and the server releases the lock.
+        bounded("prune", deadline, async {
+            Ok(conn.execute(UNLOCK, lock).await?)
+        })
+        .await?;
+        deleting
+    }
+
+    /// Behind a transaction pooler, where session locks do not hold: each
+    /// batch is a transaction that takes a transaction-scoped lock first.
+    async fn prune_in_transactions(
+        &self,
+        conn: &Checkout,
+        mut progress: impl FnMut(u64) + Send,
+    ) -> Result<PruneOutcome, Error> {
+        let deadline = self.inner.config.query_timeout();
+        let key = self.prune_lock_key();
+        let lock: &Params = &[(&key, Type::TEXT)];
+        let client = conn.client();
+        let (mut deleted, mut batches) = (0, 0);
+        loop {
+            client.batch_execute("BEGIN").await?;
+            let locked: bool = bounded("prune", deadline, async {
+                Ok(conn.query_one(TRY_XACT_LOCK, lock).await?)
+            })
+            .await?
+            .get(0);
+            if !locked {
+                client.batch_execute("ROLLBACK").await?;
+                // Another instance took over (or held it from the start).
+                return Ok(if batches == 0 {
+                    PruneOutcome::Skipped
+                } else {
+                    PruneOutcome::Pruned { deleted, batches }
+                });
+            }
+            let n = self.prune_batch(conn).await?;
+            client.batch_execute("COMMIT").await?;
+            deleted += n;
+            batches += 1;
+            progress(deleted);
+            if n < self.batch_size() as u64 || self.inner.shutdown.is_cancelled() {
+                return Ok(PruneOutcome::Pruned { deleted, batches });
+            }
+        }
+    }
+
+    async fn prune_batch(&self, conn: &Checkout) -> Result<u64, Error> {
+        let batch = self.batch_size() as i64;
+        let sql = &self.inner.sql.prune_batch;
+        bounded("prune", self.inner.config.query_timeout(), async {
+            Ok(conn.execute(sql, &[(&batch, Type::INT8)]).await?)
+        })
+        .await
+    }
+
+    fn batch_size(&self) -> usize {
+        self.inner.config.prune_batch_size()
+    }
+
+    fn prune_lock_key(&self) -> String {
+        format!("pgsession:prune:{}", self.inner.sql.lock_name)
     }
 
     /// Starts the pruner: every prune interval, randomized between 50 and

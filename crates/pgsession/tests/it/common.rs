@@ -27,6 +27,9 @@ pub(crate) fn config(url: &str) -> ConfigBuilder {
         .connect_timeout(Duration::from_secs(5))
         .query_timeout(Duration::from_secs(10))
         .startup_backoff(Duration::from_millis(100))
+        // Each store its own spool directory: a journal spooled by one test
+        // must not be written back into another test's database.
+        .spool_dir(tempfile::tempdir().expect("temp dir").keep())
 }
 
 /// A ready store on `db`.

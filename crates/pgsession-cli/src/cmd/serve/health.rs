@@ -1,11 +1,18 @@
 //! What `/health` says: the library's own health report
 //! ([`pgsession::Store::health`]: status, readiness, breaker, pool, last
 //! health check, journal), plus what only the server knows (which store it
-//! runs on, requests in flight) and the store's recent events for the
-//! dashboard. The in-memory store has no database to check: it reports
-//! itself `ok`, with an empty pool.
+//! runs on, requests in flight, its version and uptime), the settings the
+//! dashboard draws against (health-check interval, slow-check threshold,
+//! pool bounds, breaker), and the store's recent events. The in-memory store
+//! has no database to check: it reports itself `ok`, with an empty pool.
+//!
+//! The contract's fields (`status`, `breaker`, `pool.{size,idle,in_use,
+//! waiting,max}`, `last_check.{at,latency_ms,ok}`, `journal.entries`) are
+//! always there; `last_check`'s are `null` before the first check.
 
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
@@ -16,8 +23,17 @@ use super::AppState;
 /// Events shown by `/health` (and so by the dashboard), newest last.
 const EVENTS_SHOWN: usize = 20;
 
+/// When the server started (first call), for `uptime_s`.
+static STARTED: OnceLock<(Instant, OffsetDateTime)> = OnceLock::new();
+
+/// Marks the start of the server; later calls change nothing.
+pub(crate) fn mark_started() {
+    STARTED.get_or_init(|| (Instant::now(), OffsetDateTime::now_utc()));
+}
+
 /// The body of `/health`.
 pub(crate) fn health_json(state: &AppState) -> Value {
+    mark_started();
     let mut body = match &state.store {
         Some(store) => {
             let mut body = serde_json::to_value(store.health()).unwrap_or_else(
@@ -26,6 +42,7 @@ pub(crate) fn health_json(state: &AppState) -> Value {
             let events = store.recent_events();
             let skip = events.len().saturating_sub(EVENTS_SHOWN);
             body["events"] = json!(events[skip..]);
+            body["settings"] = settings(store.config());
             body
         }
         None => memory_health(),
@@ -36,6 +53,16 @@ pub(crate) fn health_json(state: &AppState) -> Value {
     }
     body["store"] = json!(state.kind.as_str());
     body["requests_in_flight"] = json!(state.in_flight.load(Ordering::Relaxed));
+    let (started, started_at) = STARTED
+        .get()
+        .copied()
+        .unwrap_or_else(|| (Instant::now(), OffsetDateTime::now_utc()));
+    body["server"] = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at": rfc3339(started_at),
+        "uptime_s": started.elapsed().as_secs_f64().floor(),
+        "now": rfc3339(OffsetDateTime::now_utc()),
+    });
     body
 }
 
@@ -45,16 +72,38 @@ pub(crate) fn is_ready(state: &AppState) -> bool {
     state.store.as_ref().is_none_or(|store| store.is_ready())
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_default()
+}
+
+/// The settings the dashboard annotates its charts with.
+fn settings(config: &pgsession::Config) -> Value {
+    json!({
+        "pool_size": config.pool_size(),
+        "pool_max_size": config.pool_max_size(),
+        "acquire_timeout_ms": ms(config.acquire_timeout()),
+        "connect_timeout_ms": ms(config.connect_timeout()),
+        "query_timeout_ms": ms(config.query_timeout()),
+        "health_check_interval_ms": ms(config.health_check_interval()),
+        "slow_check_threshold_ms": ms(config.slow_check_threshold()),
+        "breaker_threshold": config.breaker_threshold(),
+        "breaker_cool_down_ms": ms(config.breaker_cool_down()),
+        "journal_max_entries": config.journal_max_entries(),
+        "target": config.target(),
+    })
+}
+
 fn memory_health() -> Value {
-    let now = OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default();
     json!({
         "status": "ok",
         "ready": true,
         "breaker": "closed",
         "pool": { "size": 0, "idle": 0, "in_use": 0, "waiting": 0, "max": 0 },
-        "last_check": { "at": now, "latency_ms": 0.0, "ok": true },
+        "last_check": { "at": rfc3339(OffsetDateTime::now_utc()), "latency_ms": 0.0, "ok": true },
         "journal": { "entries": 0 },
         "events": [],
     })
@@ -81,6 +130,38 @@ mod tests {
             assert_eq!(h["pool"][key], 0, "{key}");
         }
         assert_eq!(h["journal"]["entries"], 0);
+        assert!(h["events"].as_array().is_some_and(Vec::is_empty));
+        assert_eq!(h["server"]["version"], env!("CARGO_PKG_VERSION"));
+        assert!(h["server"]["uptime_s"].as_f64().is_some());
         assert!(is_ready(&state));
+    }
+
+    #[tokio::test]
+    async fn a_store_reports_its_settings_and_events() {
+        let db = pgsession_testkit::TestDb::new()
+            .await
+            .unwrap_or_else(|e| panic!("no test database: {e}"));
+        let config = pgsession::Config::builder()
+            .url(db.url())
+            .health_check_interval(Duration::from_secs(7))
+            .build()
+            .unwrap();
+        let store = pgsession::Store::new(config).unwrap();
+        store.ready().await.unwrap();
+        let state = AppState {
+            store: Some(store.clone()),
+            kind: super::super::StoreKind::Postgres,
+            in_flight: Default::default(),
+        };
+        let h = health_json(&state);
+        store.close().await;
+        assert_eq!(h["store"], "postgres");
+        assert_eq!(h["breaker"], "closed");
+        assert!(h["status"] == "ok" || h["status"] == "degraded", "{h}");
+        assert!(h["last_check"].get("at").is_some(), "{h}");
+        assert!(h["pool"]["max"].as_u64().is_some_and(|m| m >= 1), "{h}");
+        assert!(h["events"].is_array(), "{h}");
+        assert_eq!(h["settings"]["health_check_interval_ms"], 7000.0);
+        assert!(!h.to_string().contains("password"), "{h}");
     }
 }

@@ -11,7 +11,7 @@
 //! | `GET /readyz` | 200 when the store can serve, else 503 |
 //! | `GET /health` | 200, JSON: status, breaker, pool, last check, journal |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /dashboard` | a page that draws `/health` live |
+//! | `GET /dashboard` | a page that draws `/health` and `/metrics` live |
 //!
 //! Only the session routes sit behind the [`SessionLayer`]; the operational
 //! ones never touch a session. A session that cannot be read or written
@@ -45,7 +45,8 @@ pub(crate) fn router(state: AppState, layer: SessionLayer) -> Router {
         .route("/me", get(me))
         .route("/counter", get(get_counter).post(post_counter))
         .route("/logout", post(logout))
-        .layer(layer);
+        .layer(layer)
+        .layer(middleware::from_fn(count_request));
     let operations = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -163,6 +164,14 @@ async fn dashboard() -> Html<&'static str> {
 
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
+}
+
+/// Counts session requests by status class, for `/metrics` and the
+/// dashboard.
+async fn count_request(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    metrics::count_request(response.status().as_u16());
+    response
 }
 
 /// Counts requests in flight, for the shutdown log and `/health`.

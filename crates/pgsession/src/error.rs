@@ -48,6 +48,11 @@ pub enum Error {
     #[error("the session database is unavailable (circuit breaker open)")]
     Unavailable,
 
+    /// The statement that carried this operation together with others
+    /// failed transiently; its message.
+    #[error("{0} (in a batched statement)")]
+    Batched(String),
+
     /// A session document is larger than the configured limit.
     #[error("session of {size} bytes is over the limit of {limit} bytes")]
     TooLarge {
@@ -112,6 +117,7 @@ impl Error {
             Error::Postgres(_) => ErrorKind::Connect,
             Error::Closed => ErrorKind::StoreClosed,
             Error::Unavailable => ErrorKind::Unavailable,
+            Error::Batched(_) => ErrorKind::Connect,
             Error::TooLarge { .. } => ErrorKind::TooLarge,
         }
     }
@@ -142,6 +148,7 @@ impl Error {
             Error::AcquireTimeout(_)
             | Error::ConnectTimeout(_)
             | Error::QueryTimeout { .. }
+            | Error::Batched(_)
             | Error::Unavailable => true,
             Error::Postgres(e) => match e.code() {
                 Some(code) => is_transient_sql_state(code.code()),

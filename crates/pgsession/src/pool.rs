@@ -285,6 +285,22 @@ impl Checkout {
         client.query_opt(&stmt, &values).await
     }
 
+    /// Runs `sql` and returns its rows, as [`Checkout::query_opt`].
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let client = self.client();
+        if self.unnamed {
+            return client.query_typed(sql, params).await;
+        }
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        let stmt = client.prepare_typed_cached(sql, &types).await?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        client.query(&stmt, &values).await
+    }
+
     /// Runs `sql` and returns its one row, as [`Checkout::query_opt`].
     pub(crate) async fn query_one(
         &self,

@@ -91,7 +91,9 @@ pub(crate) struct Statements {
     /// `schema.table`, unquoted: the key of the advisory locks.
     pub(crate) lock_name: String,
     pub(crate) load: String,
+    pub(crate) load_many: String,
     pub(crate) save: String,
+    pub(crate) save_many: String,
     pub(crate) touch: String,
     pub(crate) destroy: String,
     pub(crate) count: String,
@@ -121,6 +123,14 @@ impl Statements {
             lock_name: format!("{schema}.{table}"),
             load: format!(
                 "SELECT sess::text, expire FROM {t} WHERE sid = $1 AND expire >= {NOW_UTC}"
+            ),
+            load_many: format!(
+                "SELECT sid, sess::text, expire FROM {t} WHERE sid = ANY($1) AND expire >= {NOW_UTC}"
+            ),
+            save_many: format!(
+                "INSERT INTO {t} (sid, sess, expire) \
+                 SELECT s, j::json, e FROM unnest($1::text[], $2::text[], $3::timestamp[]) AS u(s, j, e) \
+                 ON CONFLICT (sid) DO UPDATE SET sess = EXCLUDED.sess, expire = EXCLUDED.expire"
             ),
             save: format!(
                 "INSERT INTO {t} (sid, sess, expire) VALUES ($1, $2::text::json, $3) \

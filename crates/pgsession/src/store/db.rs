@@ -65,8 +65,60 @@ impl Store {
         self.inner.config.query_timeout()
     }
 
+    /// A load, combined with concurrent ones when they queue.
     pub(super) async fn db_load(&self, sid: &str) -> Result<Option<StoredSession>, Error> {
-        self.db_load_with(sid, self.deadline(), false).await
+        let batched = self
+            .inner
+            .loads
+            .submit(sid.to_owned(), |sids| self.load_batch(sids))
+            .await;
+        match batched {
+            Some(Some(result)) => result,
+            _ => self.db_load_with(sid, self.deadline(), false).await,
+        }
+    }
+
+    /// One batch of loads: alone, the plain statement; together, one
+    /// `sid = ANY($1)`. `None` for a request that must run alone.
+    async fn load_batch(
+        &self,
+        sids: Vec<String>,
+    ) -> Vec<Option<Result<Option<StoredSession>, Error>>> {
+        if let [sid] = sids.as_slice() {
+            return vec![Some(self.db_load_with(sid, self.deadline(), false).await)];
+        }
+        let sql = &self.inner.sql.load_many;
+        let rows = self
+            .run_db("load", self.deadline(), false, |conn| {
+                let sids = &sids;
+                async move {
+                    let result =
+                        async { Ok(conn.query(sql, &[(sids, Type::TEXT_ARRAY)]).await?) }.await;
+                    (conn, result)
+                }
+            })
+            .await;
+        match rows {
+            Ok(rows) => {
+                let found: std::collections::HashMap<String, StoredSession> = rows
+                    .into_iter()
+                    .filter_map(|row| {
+                        let json: Option<String> = row.get(1);
+                        Some((
+                            row.get(0),
+                            StoredSession {
+                                json: json?,
+                                expire: row.get::<_, PrimitiveDateTime>(2).assume_utc(),
+                            },
+                        ))
+                    })
+                    .collect();
+                sids.iter()
+                    .map(|sid| Some(Ok(found.get(sid).cloned())))
+                    .collect()
+            }
+            Err(e) => split(&sids, &e),
+        }
     }
 
     async fn db_load_with(
@@ -111,14 +163,70 @@ impl Store {
         }))
     }
 
+    /// A save, combined with concurrent ones when they queue.
     pub(super) async fn db_save(
         &self,
         sid: &str,
         json: &str,
         expire: OffsetDateTime,
     ) -> Result<(), Error> {
-        self.db_save_with(sid, json, expire, self.deadline(), false)
+        let request = (sid.to_owned(), json.to_owned(), expire);
+        match self
+            .inner
+            .saves
+            .submit(request, |batch| self.save_batch(batch))
             .await
+        {
+            Some(Some(result)) => result,
+            _ => {
+                self.db_save_with(sid, json, expire, self.deadline(), false)
+                    .await
+            }
+        }
+    }
+
+    /// One batch of saves: alone, the plain upsert; together, one
+    /// multi-row upsert of `unnest`ed arrays, the last write of each
+    /// session winning (a row may be upserted once per statement).
+    async fn save_batch(
+        &self,
+        batch: Vec<(String, String, OffsetDateTime)>,
+    ) -> Vec<Option<Result<(), Error>>> {
+        if let [(sid, json, expire)] = batch.as_slice() {
+            return vec![Some(
+                self.db_save_with(sid, json, *expire, self.deadline(), false)
+                    .await,
+            )];
+        }
+        let mut last = std::collections::HashMap::new();
+        for (i, (sid, _, _)) in batch.iter().enumerate() {
+            last.insert(sid.as_str(), i);
+        }
+        let mut keep: Vec<usize> = last.into_values().collect();
+        keep.sort_unstable();
+        let sids: Vec<&str> = keep.iter().map(|&i| batch[i].0.as_str()).collect();
+        let jsons: Vec<&str> = keep.iter().map(|&i| batch[i].1.as_str()).collect();
+        let expires: Vec<PrimitiveDateTime> =
+            keep.iter().map(|&i| to_timestamp(batch[i].2)).collect();
+        let sql = &self.inner.sql.save_many;
+        let saved = self
+            .run_db("save", self.deadline(), false, |conn| {
+                let params: [(&(dyn ToSql + Sync), Type); 3] = [
+                    (&sids, Type::TEXT_ARRAY),
+                    (&jsons, Type::TEXT_ARRAY),
+                    (&expires, Type::TIMESTAMP_ARRAY),
+                ];
+                async move {
+                    let result = async { Ok(conn.execute(sql, &params).await.map(drop)?) }.await;
+                    (conn, result)
+                }
+            })
+            .await;
+        let sids: Vec<String> = batch.into_iter().map(|(sid, _, _)| sid).collect();
+        match saved {
+            Ok(()) => sids.iter().map(|_| Some(Ok(()))).collect(),
+            Err(e) => split(&sids, &e),
+        }
     }
 
     pub(super) async fn db_save_with(
@@ -224,6 +332,19 @@ impl Store {
             .await
             .map(|_| ())
     }
+}
+
+/// The answers of a failed batch: a transient failure is every request's
+/// (retrying each alone would wait out the deadline again); a permanent one
+/// may be one request's fault, so each runs alone to find whose.
+fn split<T>(sids: &[String], error: &Error) -> Vec<Option<Result<T, Error>>> {
+    sids.iter()
+        .map(|_| {
+            error
+                .is_transient()
+                .then(|| Err(Error::Batched(error.to_string())))
+        })
+        .collect()
 }
 
 /// Creates the schema, table and index when missing, under an advisory

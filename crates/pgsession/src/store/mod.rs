@@ -8,6 +8,7 @@
 //! - [`prune`]: deleting expired rows.
 
 mod background;
+mod batch;
 mod db;
 mod prune;
 
@@ -102,6 +103,9 @@ struct Inner {
     schema_ready: OnceCell<()>,
     breaker: Breaker,
     fallback: Fallback,
+    /// Concurrent loads and saves, combined into one statement each.
+    loads: batch::Batcher<String, Option<Result<Option<StoredSession>, Error>>>,
+    saves: batch::Batcher<(String, String, OffsetDateTime), Option<Result<(), Error>>>,
     events: Events,
     /// Spool files read at start-up, removed once written back.
     claimed_spool: Mutex<Vec<PathBuf>>,
@@ -142,6 +146,7 @@ impl Store {
             max_bytes: config.cache_max_bytes(),
             max_journal: config.journal_max_entries(),
         });
+        let batch_limit = config.pool_max_size();
         let store = Store {
             inner: Arc::new(Inner {
                 config,
@@ -150,6 +155,8 @@ impl Store {
                 schema_ready: OnceCell::new(),
                 breaker,
                 fallback,
+                loads: batch::Batcher::new(batch_limit),
+                saves: batch::Batcher::new(batch_limit),
                 events: Events::default(),
                 claimed_spool: Mutex::new(Vec::new()),
                 shutdown: CancellationToken::new(),

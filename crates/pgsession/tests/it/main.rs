@@ -16,6 +16,8 @@ mod prune;
 mod pool;
 // The HTTP layer on the real store.
 mod http;
+// Concurrent operations combined into one statement.
+mod batching;
 // Hostile input and secrets: limits, session ids, fixation, signatures,
 // rotation, rows written by others, nothing secret in logs or errors.
 mod security;

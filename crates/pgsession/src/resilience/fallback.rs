@@ -153,10 +153,9 @@ impl Fallback {
             None => match inner.cache.get(sid).cloned() {
                 Some(cached) if cached.expire >= now => Lookup::Cached(cached),
                 Some(_) => {
-                    inner
-                        .cache
-                        .pop(sid)
-                        .map(|old| inner.cache_bytes -= cost(sid, &old));
+                    if let Some(old) = inner.cache.pop(sid) {
+                        inner.cache_bytes -= cost(sid, &old);
+                    }
                     Lookup::Miss
                 }
                 None => Lookup::Miss,

@@ -189,13 +189,7 @@ impl Store {
                 ),
             }
             if let Pending::Save { json, expire } = write {
-                fallback.remember(
-                    &sid,
-                    StoredSession {
-                        json,
-                        expire: expire,
-                    },
-                );
+                fallback.remember(&sid, StoredSession { json, expire });
             }
             fallback.written_back(seq, &sid);
             metrics::gauge!("pgsession_journal_entries").set(fallback.journal_len() as f64);

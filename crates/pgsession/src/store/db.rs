@@ -353,11 +353,11 @@ async fn create_schema(conn: &Checkout, inner: &Inner) -> Result<(), Error> {
     let sql = &inner.sql;
     let qualified = (&sql.qualified as &(dyn ToSql + Sync), Type::TEXT);
     let table: bool = conn
-        .query_one(&sql.table_exists, &[qualified.clone()])
+        .query_one(&sql.table_exists, std::slice::from_ref(&qualified))
         .await?
         .get(0);
     let index: bool = conn
-        .query_one(&sql.expire_index_exists, &[qualified.clone()])
+        .query_one(&sql.expire_index_exists, std::slice::from_ref(&qualified))
         .await?
         .get(0);
     if table && index {

@@ -150,6 +150,8 @@ pub struct TlsConfig {
 #[derive(Clone, PartialEq)]
 pub struct Config {
     pub(crate) pg: tokio_postgres::Config,
+    /// For a multi-host URL, one configuration per host, in order.
+    pub(crate) per_host: Vec<tokio_postgres::Config>,
     pub(crate) tls: TlsConfig,
     pub(crate) pool_size: usize,
     pub(crate) pool_max_size: usize,
@@ -777,7 +779,7 @@ impl ConfigBuilder {
             .url
             .as_deref()
             .ok_or(ConfigError::Missing("DATABASE_URL"))?;
-        let (mut pg, mut tls) = parse_url(url)?;
+        let (mut pg, mut per_host, mut tls) = parse_url(url)?;
         tls.accept_invalid_certs = self.tls_insecure;
 
         positive("pool_size", self.pool_size)?;
@@ -847,15 +849,18 @@ impl ConfigBuilder {
             Identifier::new(&self.schema).map_err(|r| ConfigError::invalid("schema", r))?;
         let table = Identifier::new(&self.table).map_err(|r| ConfigError::invalid("table", r))?;
 
-        pg.connect_timeout(self.connect_timeout);
-        pg.keepalives(true);
-        pg.keepalives_idle(self.keepalive_idle);
-        if pg.get_application_name().is_none() {
-            pg.application_name("pgsession");
+        for pg in std::iter::once(&mut pg).chain(per_host.iter_mut()) {
+            pg.connect_timeout(self.connect_timeout);
+            pg.keepalives(true);
+            pg.keepalives_idle(self.keepalive_idle);
+            if pg.get_application_name().is_none() {
+                pg.application_name("pgsession");
+            }
         }
 
         Ok(Config {
             pg,
+            per_host,
             tls,
             pool_size: self.pool_size,
             pool_max_size,
@@ -999,7 +1004,16 @@ const IGNORED_PARAMS: &[&str] = &[
 ///
 /// tokio-postgres rejects `verify-ca`, `verify-full` and `sslrootcert`, so
 /// those are taken out here and enforced by our own TLS connector.
-fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsConfig), ConfigError> {
+fn parse_url(
+    url: &str,
+) -> Result<
+    (
+        tokio_postgres::Config,
+        Vec<tokio_postgres::Config>,
+        TlsConfig,
+    ),
+    ConfigError,
+> {
     let invalid = |reason: String| ConfigError::invalid("DATABASE_URL", reason);
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(invalid(
@@ -1046,11 +1060,43 @@ fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsConfig), ConfigErr
     let sslmode = format!("sslmode={mode}");
     kept.push(&sslmode);
     let normalized = format!("{base}?{}", kept.join("&"));
-    let pg = tokio_postgres::Config::from_str(&normalized).map_err(|e| invalid(e.to_string()))?;
+    let pg = tokio_postgres::Config::from_str(&normalized)
+        .map_err(|e| invalid(crate::error::chain(&e)))?;
     if pg.get_hosts().is_empty() {
         return Err(invalid("no host given".into()));
     }
-    Ok((pg, tls))
+    let per_host = single_host_urls(base)
+        .iter()
+        .map(|one| {
+            tokio_postgres::Config::from_str(&format!("{one}?{}", kept.join("&")))
+                .map_err(|e| invalid(crate::error::chain(&e)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((pg, per_host, tls))
+}
+
+/// For `postgres://user@h1:1,h2:2/db`, the URLs `postgres://user@h1:1/db`
+/// and `postgres://user@h2:2/db`; nothing for a single host.
+fn single_host_urls(base: &str) -> Vec<String> {
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return Vec::new();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(i) => (&authority[..=i], &authority[i + 1..]),
+        None => ("", authority),
+    };
+    let hosts: Vec<&str> = hosts.split(',').collect();
+    if hosts.len() < 2 {
+        return Vec::new();
+    }
+    hosts
+        .iter()
+        .map(|host| format!("{scheme}://{userinfo}{host}{path}"))
+        .collect()
 }
 
 /// Splits a URL into the part before its query and the query, where libpq
@@ -1223,6 +1269,14 @@ mod tests {
         );
         assert_eq!(c.postgres().get_application_name(), Some("web"));
         assert_eq!(c.target(), "a:5432,b:5433/app");
+        // Each host alone too, with the same settings, for the connector.
+        assert_eq!(c.per_host.len(), 2);
+        assert_eq!(c.per_host[1].get_ports(), &[5433]);
+        assert_eq!(
+            c.per_host[1].get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(c.per_host[1].get_application_name(), Some("web"));
 
         let err = build("postgres://h/db?frobnicate=1").unwrap_err();
         assert!(err.to_string().contains("frobnicate"), "{err}");

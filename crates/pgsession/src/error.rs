@@ -34,9 +34,10 @@ pub enum Error {
         after: Duration,
     },
 
-    /// The driver or the server reported an error. Its message already
-    /// carries the driver's cause, so it is not repeated as a `source`.
-    #[error("PostgreSQL: {0}")]
+    /// The driver or the server reported an error. The message spells out
+    /// the driver's whole chain of causes (its own `Display` says only "db
+    /// error"), so they are not repeated as a `source`.
+    #[error("PostgreSQL: {}", chain(.0))]
     Postgres(tokio_postgres::Error),
 
     /// The store was closed and no longer accepts operations.
@@ -134,8 +135,9 @@ impl Error {
     ///
     /// Transient: connection refused, reset or closed; timeouts; SQLSTATE
     /// class 08 (connection exception), 57P01-57P03 (shutdown, crash,
-    /// cannot connect now), 53300 (too many connections) and 25006 (a write
-    /// reached a read-only server, as after a failover).
+    /// cannot connect now), 53300 (too many connections), 25006 (a write
+    /// reached a read-only server, as after a failover) and 26000 (a
+    /// prepared statement lost behind a transaction pooler).
     ///
     /// ```
     /// # use pgsession::Error;
@@ -173,9 +175,29 @@ impl From<tokio_postgres::Error> for Error {
     }
 }
 
+/// `error` and each of its causes, joined by `: `.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
 /// SQLSTATE codes after which a retry on a fresh connection may succeed.
+///
+/// 26000 (a prepared statement the server does not know) means a
+/// transaction pooler ran the statement on another server connection: the
+/// pool then switches to unnamed statements, and the retry works.
 pub(crate) fn is_transient_sql_state(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "25006")
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "53300" | "25006" | "26000"
+        )
 }
 
 impl From<deadpool_postgres::PoolError> for Error {

@@ -100,6 +100,8 @@ impl SessionPool {
             tls: tls.clone(),
             shared: shared.clone(),
             options: options.trim().to_owned(),
+            hosts: config.per_host.clone(),
+            connect_timeout: config.connect_timeout(),
         };
         let manager = Manager::from_connect(
             config.postgres().clone(),
@@ -114,7 +116,8 @@ impl SessionPool {
             .runtime(Runtime::Tokio1)
             .timeouts(Timeouts {
                 wait: Some(config.acquire_timeout()),
-                create: Some(config.connect_timeout()),
+                // Each host of a multi-host URL gets the connect timeout.
+                create: Some(config.connect_timeout() * config.per_host.len().max(1) as u32),
                 recycle: Some(Duration::from_secs(5)),
             })
             .pre_recycle(Hook::sync_fn(move |_, metrics| {
@@ -175,6 +178,21 @@ impl SessionPool {
     /// transaction-scoped locks).
     pub(crate) fn is_pooled(&self) -> bool {
         self.shared.pooled.load(Ordering::Relaxed)
+    }
+
+    /// Switches to unnamed statements: the server lost a prepared statement,
+    /// which only a transaction pooler makes happen.
+    pub(crate) fn mark_pooled(&self) {
+        // A pooler that let the startup options through ignored them: the
+        // statement timeout is the client's alone from now on.
+        self.shared.startup_options.store(false, Ordering::Relaxed);
+        if !self.shared.pooled.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: "session_pool",
+                "a prepared statement vanished between statements: behind a transaction pooler; \
+                 sending unnamed statements from now on (set PGSESSION_POOLER=transaction to say so)"
+            );
+        }
     }
 
     /// Whether connections carry the startup options (false behind a pooler).
@@ -275,14 +293,11 @@ impl Checkout {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<Option<Row>, tokio_postgres::Error> {
-        let client = self.client();
         if self.unnamed {
-            return client.query_typed_opt(sql, params).await;
+            return self.client().query_typed_opt(sql, params).await;
         }
-        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-        let stmt = client.prepare_typed_cached(sql, &types).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        client.query_opt(&stmt, &values).await
+        let (stmt, values) = self.prepared(sql, params).await?;
+        self.client().query_opt(&stmt, &values).await
     }
 
     /// Runs `sql` and returns its rows, as [`Checkout::query_opt`].
@@ -291,14 +306,11 @@ impl Checkout {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let client = self.client();
         if self.unnamed {
-            return client.query_typed(sql, params).await;
+            return self.client().query_typed(sql, params).await;
         }
-        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-        let stmt = client.prepare_typed_cached(sql, &types).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        client.query(&stmt, &values).await
+        let (stmt, values) = self.prepared(sql, params).await?;
+        self.client().query(&stmt, &values).await
     }
 
     /// Runs `sql` and returns its one row, as [`Checkout::query_opt`].
@@ -307,14 +319,11 @@ impl Checkout {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<Row, tokio_postgres::Error> {
-        let client = self.client();
         if self.unnamed {
-            return client.query_typed_one(sql, params).await;
+            return self.client().query_typed_one(sql, params).await;
         }
-        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-        let stmt = client.prepare_typed_cached(sql, &types).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        client.query_one(&stmt, &values).await
+        let (stmt, values) = self.prepared(sql, params).await?;
+        self.client().query_one(&stmt, &values).await
     }
 
     /// Runs `sql` and returns the rows it affected, as [`Checkout::query_opt`].
@@ -323,14 +332,24 @@ impl Checkout {
         sql: &str,
         params: &Params<'_>,
     ) -> Result<u64, tokio_postgres::Error> {
-        let client = self.client();
         if self.unnamed {
-            return client.execute_typed(sql, params).await;
+            return self.client().execute_typed(sql, params).await;
         }
+        let (stmt, values) = self.prepared(sql, params).await?;
+        self.client().execute(&stmt, &values).await
+    }
+
+    /// The connection's cached prepared statement for `sql`, and the values
+    /// to bind to it.
+    async fn prepared<'p>(
+        &self,
+        sql: &str,
+        params: &'p Params<'p>,
+    ) -> Result<(tokio_postgres::Statement, Vec<&'p (dyn ToSql + Sync)>), tokio_postgres::Error>
+    {
         let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-        let stmt = client.prepare_typed_cached(sql, &types).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        client.execute(&stmt, &values).await
+        let stmt = self.client().prepare_typed_cached(sql, &types).await?;
+        Ok((stmt, params.iter().map(|(v, _)| *v).collect()))
     }
 
     /// Throws the connection away (its state is unknown, e.g. inside a
@@ -382,37 +401,73 @@ struct SessionConnector {
     shared: Arc<Shared>,
     /// `-c TimeZone=UTC -c statement_timeout=...`, after the user's own.
     options: String,
+    /// One configuration per host of a multi-host URL (empty for one host).
+    hosts: Vec<tokio_postgres::Config>,
+    connect_timeout: Duration,
 }
 
 impl Connect for SessionConnector {
     fn connect(&self, pg_config: &tokio_postgres::Config) -> ConnectFuture<'_> {
         let pg_config = pg_config.clone();
         Box::pin(async move {
-            if self.shared.startup_options.load(Ordering::Relaxed) {
-                let mut with_options = pg_config.clone();
-                with_options.options(self.options.as_str());
-                match with_options.connect(self.tls.clone()).await {
-                    Ok(pair) => return Ok(self.spawn(pair)),
-                    Err(e) if refuses_startup_options(&e) => {
-                        self.shared.startup_options.store(false, Ordering::Relaxed);
-                        self.shared.pooled.store(true, Ordering::Relaxed);
-                        tracing::warn!(
-                            target: "session_pool",
-                            "the server refused startup options (a pooler?); \
-                             statement timeouts are now enforced by the client only, \
-                             and statements are sent unnamed"
-                        );
+            // Several hosts: tried one at a time, each within the connect
+            // timeout (as libpq does), so that a host that accepts the TCP
+            // connection and then says nothing cannot use up the whole
+            // budget. tokio-postgres bounds only the TCP connect of each.
+            if let Some((last, first)) = self.hosts.split_last() {
+                for host in first {
+                    match tokio::time::timeout(
+                        self.connect_timeout,
+                        self.connect_host(host.clone()),
+                    )
+                    .await
+                    {
+                        Ok(Ok(pair)) => return Ok(pair),
+                        Ok(Err(e)) => {
+                            tracing::debug!(target: "session_pool", error = %crate::error::chain(&e), "host failed; trying the next")
+                        }
+                        Err(_) => {
+                            tracing::debug!(target: "session_pool", "host silent past the connect timeout; trying the next")
+                        }
                     }
-                    Err(e) => return Err(e),
                 }
+                // The pool's create timeout bounds the last one.
+                return self.connect_host(last.clone()).await;
             }
-            let pair = pg_config.connect(self.tls.clone()).await?;
-            Ok(self.spawn(pair))
+            self.connect_host(pg_config).await
         })
     }
 }
 
 impl SessionConnector {
+    /// One connection to the host(s) of `pg_config`, with the startup
+    /// options unless the server refuses them.
+    async fn connect_host(
+        &self,
+        pg_config: tokio_postgres::Config,
+    ) -> Result<(tokio_postgres::Client, JoinHandle<()>), tokio_postgres::Error> {
+        if self.shared.startup_options.load(Ordering::Relaxed) {
+            let mut with_options = pg_config.clone();
+            with_options.options(self.options.as_str());
+            match with_options.connect(self.tls.clone()).await {
+                Ok(pair) => return Ok(self.spawn(pair)),
+                Err(e) if refuses_startup_options(&e) => {
+                    self.shared.startup_options.store(false, Ordering::Relaxed);
+                    self.shared.pooled.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        target: "session_pool",
+                        "the server refused startup options (a pooler?); \
+                         statement timeouts are now enforced by the client only, \
+                         and statements are sent unnamed"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let pair = pg_config.connect(self.tls.clone()).await?;
+        Ok(self.spawn(pair))
+    }
+
     fn spawn<S>(
         &self,
         (client, connection): (

@@ -36,6 +36,9 @@ impl Store {
         }
         let breaker = &self.inner.breaker;
         let on_error = |error: &Error| {
+            if error.sql_state() == Some("26000") {
+                self.inner.pool.mark_pooled();
+            }
             if error.is_transient() && !matches!(error, Error::Unavailable) {
                 self.breaker_moved(breaker.record_failure(Instant::now()));
             }

@@ -93,7 +93,7 @@ impl SessionPool {
             .unwrap_or_default()
             .to_owned();
         options.push_str(&format!(
-            " -c TimeZone=UTC -c statement_timeout={}",
+            " -c TimeZone=UTC -c statement_timeout={} -c {OPTIONS_MARKER}=on",
             config.statement_timeout().as_millis()
         ));
         let connector = SessionConnector {
@@ -440,6 +440,32 @@ impl Connect for SessionConnector {
 }
 
 impl SessionConnector {
+    /// A pooler may let startup options through and ignore them (PgBouncer
+    /// with `ignore_startup_parameters = options`); PostgreSQL itself always
+    /// applies them. A marker setting tells the two apart: when it is
+    /// missing, the pool is behind a transaction pooler (named statements
+    /// there can even run another client's statement of the same name).
+    async fn check_options_applied(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<(), tokio_postgres::Error> {
+        let query = format!("SELECT current_setting('{OPTIONS_MARKER}', true)");
+        let applied = client.simple_query(&query).await?.iter().any(|message| {
+            matches!(message, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("on"))
+        });
+        if !applied {
+            self.shared.startup_options.store(false, Ordering::Relaxed);
+            if !self.shared.pooled.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "session_pool",
+                    "startup options were ignored (a pooler?); statement timeouts are now enforced \
+                     by the client only, and statements are sent unnamed"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// One connection to the host(s) of `pg_config`, with the startup
     /// options unless the server refuses them.
     async fn connect_host(
@@ -450,7 +476,11 @@ impl SessionConnector {
             let mut with_options = pg_config.clone();
             with_options.options(self.options.as_str());
             match with_options.connect(self.tls.clone()).await {
-                Ok(pair) => return Ok(self.spawn(pair)),
+                Ok(pair) => {
+                    let (client, task) = self.spawn(pair);
+                    self.check_options_applied(&client).await?;
+                    return Ok((client, task));
+                }
                 Err(e) if refuses_startup_options(&e) => {
                     self.shared.startup_options.store(false, Ordering::Relaxed);
                     self.shared.pooled.store(true, Ordering::Relaxed);
@@ -488,6 +518,10 @@ impl SessionConnector {
         (client, task)
     }
 }
+
+/// A setting of our own, sent with the startup options to see whether
+/// they were applied.
+const OPTIONS_MARKER: &str = "pgsession.startup_options";
 
 /// PgBouncer answers `unsupported startup parameter: options`; others may
 /// use 08P01 or 42704 for parameters they do not know.

@@ -237,6 +237,11 @@ impl Config {
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
     }
+    /// The longest opening a connection may take: the connect timeout for
+    /// each host of the URL, tried one after the other.
+    pub fn connect_budget(&self) -> Duration {
+        self.connect_timeout * self.per_host.len().max(1) as u32
+    }
     /// Deadline to get a connection from a full pool. Default: 5 s.
     pub fn acquire_timeout(&self) -> Duration {
         self.acquire_timeout

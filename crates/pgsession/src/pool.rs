@@ -76,6 +76,10 @@ struct Shared {
     pooled: AtomicBool,
     opened_total: AtomicU64,
     warming: AtomicBool,
+    /// Of a multi-host URL, the host the last connection was opened to:
+    /// new connections try it first (after a failover, the promoted
+    /// standby), not a host that has gone silent.
+    last_host: std::sync::atomic::AtomicUsize,
 }
 
 impl SessionPool {
@@ -117,7 +121,7 @@ impl SessionPool {
             .timeouts(Timeouts {
                 wait: Some(config.acquire_timeout()),
                 // Each host of a multi-host URL gets the connect timeout.
-                create: Some(config.connect_timeout() * config.per_host.len().max(1) as u32),
+                create: Some(config.connect_budget()),
                 recycle: Some(Duration::from_secs(5)),
             })
             .pre_recycle(Hook::sync_fn(move |_, metrics| {
@@ -414,15 +418,23 @@ impl Connect for SessionConnector {
             // timeout (as libpq does), so that a host that accepts the TCP
             // connection and then says nothing cannot use up the whole
             // budget. tokio-postgres bounds only the TCP connect of each.
-            if let Some((last, first)) = self.hosts.split_last() {
-                for host in first {
+            if !self.hosts.is_empty() {
+                let start = self.shared.last_host.load(Ordering::Relaxed) % self.hosts.len();
+                let order: Vec<usize> = (0..self.hosts.len())
+                    .map(|i| (start + i) % self.hosts.len())
+                    .collect();
+                let (last, first) = order.split_last().expect("at least one host");
+                for &i in first {
                     match tokio::time::timeout(
                         self.connect_timeout,
-                        self.connect_host(host.clone()),
+                        self.connect_host(self.hosts[i].clone()),
                     )
                     .await
                     {
-                        Ok(Ok(pair)) => return Ok(pair),
+                        Ok(Ok(pair)) => {
+                            self.shared.last_host.store(i, Ordering::Relaxed);
+                            return Ok(pair);
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(target: "session_pool", error = %crate::error::chain(&e), "host failed; trying the next")
                         }
@@ -432,7 +444,9 @@ impl Connect for SessionConnector {
                     }
                 }
                 // The pool's create timeout bounds the last one.
-                return self.connect_host(last.clone()).await;
+                let pair = self.connect_host(self.hosts[*last].clone()).await?;
+                self.shared.last_host.store(*last, Ordering::Relaxed);
+                return Ok(pair);
             }
             self.connect_host(pg_config).await
         })

@@ -80,6 +80,10 @@ struct Inner {
     journal: HashMap<String, (u64, Pending)>,
     order: BTreeMap<u64, String>,
     next_seq: u64,
+    /// Sessions just served from the fallback after the database failed
+    /// them, until when: their writes go straight to the journal rather
+    /// than wait on the database a second time in the same request.
+    degraded: HashMap<String, std::time::Instant>,
 }
 
 /// The journal is full: the write cannot be accepted without risking it.
@@ -100,6 +104,7 @@ impl Fallback {
                 journal: HashMap::new(),
                 order: BTreeMap::new(),
                 next_seq: 0,
+                degraded: HashMap::new(),
             }),
         }
     }
@@ -163,9 +168,22 @@ impl Fallback {
         }
     }
 
+    /// Marks `sid` as just served from the fallback, until `until`.
+    pub(crate) fn mark_degraded(&self, sid: &str, until: std::time::Instant) {
+        let mut inner = self.lock();
+        if inner.degraded.len() >= self.settings.max_journal {
+            let now = std::time::Instant::now();
+            inner.degraded.retain(|_, until| *until > now);
+        }
+        if inner.degraded.len() < self.settings.max_journal {
+            inner.degraded.insert(sid.to_owned(), until);
+        }
+    }
+
     /// Adds a write to the journal (and to the cache), if `accept` says so
-    /// under the journal's lock: the store passes "the breaker is not closed
-    /// or the session already has an entry", so that the decision and the
+    /// under the journal's lock. `accept` is told whether the session
+    /// already has an entry or was just served from the fallback; the store
+    /// adds "or the breaker is not closed", so that the decision and the
     /// write are one step against the write-back closing the breaker.
     pub(crate) fn journal_if(
         &self,
@@ -174,8 +192,16 @@ impl Fallback {
         accept: impl FnOnce(bool) -> bool,
     ) -> Result<bool, JournalFull> {
         let mut inner = self.lock();
+        let degraded = match inner.degraded.get(sid) {
+            Some(until) if *until > std::time::Instant::now() => true,
+            Some(_) => {
+                inner.degraded.remove(sid);
+                false
+            }
+            None => false,
+        };
         let pending = inner.journal.contains_key(sid);
-        if !accept(pending) {
+        if !accept(pending || degraded) {
             return Ok(false);
         }
         if !pending && inner.journal.len() >= self.settings.max_journal {
@@ -431,6 +457,24 @@ mod tests {
         }
         assert!(f.journal_if("d", Pending::Destroy, |_| true).is_err());
         assert!(f.journal_if("a", Pending::Destroy, |_| true).is_ok());
+    }
+
+    #[test]
+    fn a_session_just_served_from_the_fallback_goes_to_the_journal() {
+        let f = fallback(10, 10_000);
+        f.mark_degraded(
+            "a",
+            std::time::Instant::now() + std::time::Duration::from_secs(60),
+        );
+        assert!(f.journal_if("a", Pending::Destroy, |known| known).unwrap());
+        f.mark_degraded(
+            "b",
+            std::time::Instant::now() - std::time::Duration::from_secs(1),
+        );
+        assert!(
+            !f.journal_if("b", Pending::Destroy, |known| known).unwrap(),
+            "the mark has lapsed"
+        );
     }
 
     #[test]

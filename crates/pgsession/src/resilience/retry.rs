@@ -46,7 +46,7 @@ pub(crate) fn background_backoff(first: Duration) -> impl Iterator<Item = Durati
 /// whatever query was in flight is cancelled by dropping its checkout).
 ///
 /// `on_error` sees every failed attempt. [`Error::Unavailable`] (the breaker
-/// opened meanwhile) ends the retries at once.
+/// opened meanwhile) and [`Error::AcquireTimeout`] end the retries at once.
 pub(crate) async fn retry_within<T, F, Fut>(
     op: &'static str,
     deadline: Duration,
@@ -62,7 +62,10 @@ where
         .sleep(tokio::time::sleep)
         .when(|error: &Error| {
             on_error(error);
-            error.is_transient() && !matches!(error, Error::Unavailable)
+            // An acquire timeout is not retried: the pool is saturated, and
+            // waiting again would only make the caller wait longer than the
+            // acquire timeout promises (the fallback or a 503 answers).
+            error.is_transient() && !matches!(error, Error::Unavailable | Error::AcquireTimeout(_))
         })
         .notify(|error: &Error, delay: Duration| {
             metrics::counter!("pgsession_retries_total", "op" => op).increment(1);

@@ -140,7 +140,7 @@ impl Store {
     /// empty, so no write slips in between).
     async fn probe_and_write_back(&self) {
         let breaker = &self.inner.breaker;
-        let probe = self.ping(self.inner.config.connect_timeout()).await;
+        let probe = self.ping(self.inner.config.connect_budget()).await;
         let written = match probe {
             Ok(()) => self.write_back().await,
             Err(e) => Err(e),
@@ -240,7 +240,7 @@ impl Store {
     pub(super) async fn run_check(&self) -> CheckResult {
         let config = &self.inner.config;
         let started = Instant::now();
-        let result = self.ping(config.connect_timeout()).await;
+        let result = self.ping(config.connect_budget()).await;
         let elapsed = started.elapsed();
         metrics::gauge!("pgsession_health_check_seconds").set(elapsed.as_secs_f64());
         metrics::histogram!("pgsession_query_seconds", "op" => "health").record(elapsed);

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use time::{OffsetDateTime, PrimitiveDateTime};
 
+use super::batch::Submitted;
 use super::{to_timestamp, Inner, Store, StoredSession};
 use crate::error::Error;
 use crate::pool::{Checkout, Params};
@@ -64,6 +65,12 @@ impl Store {
         result
     }
 
+    /// How long a batched request may wait for a batch slot: as long as
+    /// it would wait for a pool connection.
+    fn slot_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.inner.config.acquire_timeout()
+    }
+
     fn deadline(&self) -> Duration {
         self.inner.config.query_timeout()
     }
@@ -73,10 +80,13 @@ impl Store {
         let batched = self
             .inner
             .loads
-            .submit(sid.to_owned(), |sids| self.load_batch(sids))
+            .submit(sid.to_owned(), self.slot_deadline(), |sids| {
+                self.load_batch(sids)
+            })
             .await;
         match batched {
-            Some(Some(result)) => result,
+            Submitted::Done(Some(result)) => result,
+            Submitted::TimedOut => Err(Error::AcquireTimeout(self.inner.config.acquire_timeout())),
             _ => self.db_load_with(sid, self.deadline(), false).await,
         }
     }
@@ -174,13 +184,16 @@ impl Store {
         expire: OffsetDateTime,
     ) -> Result<(), Error> {
         let request = (sid.to_owned(), json.to_owned(), expire);
-        match self
+        let batched = self
             .inner
             .saves
-            .submit(request, |batch| self.save_batch(batch))
-            .await
-        {
-            Some(Some(result)) => result,
+            .submit(request, self.slot_deadline(), |batch| {
+                self.save_batch(batch)
+            })
+            .await;
+        match batched {
+            Submitted::Done(Some(result)) => result,
+            Submitted::TimedOut => Err(Error::AcquireTimeout(self.inner.config.acquire_timeout())),
             _ => {
                 self.db_save_with(sid, json, expire, self.deadline(), false)
                     .await
@@ -316,7 +329,7 @@ impl Store {
             .schema_ready
             .get_or_try_init(|| async {
                 let deadline =
-                    self.inner.config.connect_timeout() + self.inner.config.query_timeout();
+                    self.inner.config.connect_budget() + self.inner.config.query_timeout();
                 let conn = self.inner.pool.checkout().await?;
                 let result = bounded("schema", deadline, create_schema(&conn, &self.inner)).await;
                 if result.is_err() {

@@ -327,11 +327,17 @@ impl Store {
                 fallback.forget(sid);
                 (Ok(None), Outcome::Ok)
             }
-            Err(e) if e.is_transient() => match fallback.lookup(sid, now) {
-                Lookup::Pending(found) => (Ok(found), Outcome::Fallback),
-                Lookup::Cached(cached) => (Ok(Some(cached)), Outcome::Fallback),
-                Lookup::Miss => (Err(e), Outcome::Error),
-            },
+            Err(e) if e.is_transient() => {
+                // This request's writes should not wait on the database a
+                // second time: they go to the journal for a while.
+                let until = std::time::Instant::now() + self.inner.config.query_timeout();
+                fallback.mark_degraded(sid, until);
+                match fallback.lookup(sid, now) {
+                    Lookup::Pending(found) => (Ok(found), Outcome::Fallback),
+                    Lookup::Cached(cached) => (Ok(Some(cached)), Outcome::Fallback),
+                    Lookup::Miss => (Err(e), Outcome::Error),
+                }
+            }
             Err(e) => (Err(e), Outcome::Error),
         };
         record("load", started, &result, outcome);

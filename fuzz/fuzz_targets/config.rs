@@ -4,7 +4,7 @@
 //! target may repeat a password the URL carries.
 //!
 //! Input: text; the first line is the URL, the rest the value given to
-//! every setting (without a newline, the text is both).
+//! every setting (empty without a newline).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let (url, value) = text.split_once('\n').unwrap_or((text, text));
+    let (url, value) = text.split_once('\n').unwrap_or((text, ""));
     check(url, Some(value));
     // The value may be a URL too (it is given to `url`): its passwords.
     check(value, None);
@@ -33,7 +33,8 @@ fn check(url: &str, value: Option<&str>) {
         }
         // What the same run says with the password's letters and digits
         // changed (its punctuation, which steers parsing, kept): text found
-        // there too (a message template, the host name) is not a leak.
+        // there too (a message template, the host name, an echo of a
+        // setting's value) is not a leak.
         let redacted_url = format!(
             "{}{}{}",
             &url[..secret.start],
@@ -45,10 +46,7 @@ fn check(url: &str, value: Option<&str>) {
         let window = chars.len().min(6);
         for piece in chars.windows(window) {
             let piece: String = piece.iter().collect();
-            if without.contains(&piece)
-                || innocent.contains(&piece)
-                || value.is_some_and(|v| v.contains(&piece))
-            {
+            if without.contains(&piece) || innocent.contains(&piece) {
                 continue;
             }
             for text in &texts {

@@ -64,13 +64,11 @@ fn check_lookup(headers: &[&[u8]]) {
     match parse_cookie_header(headers.iter().copied(), NAME) {
         CookieLookup::Found(value) => {
             assert!(total <= MAX_COOKIE_HEADER_BYTES, "read {total} bytes");
-            assert!(
-                headers
+            let from_a_header = value.is_empty()
+                || headers
                     .iter()
-                    .any(|h| h.windows(value.len().max(1)).any(|w| w == value.as_bytes())
-                        || value.is_empty()),
-                "the value must come from a header"
-            );
+                    .any(|h| h.windows(value.len()).any(|w| w == value.as_bytes()));
+            assert!(from_a_header, "the value must come from a header");
             for secrets in all_keys() {
                 check_unsigned(value, secrets);
             }
@@ -136,5 +134,8 @@ fn round_trip(sid: &str) {
     let first = &mut tampered[dot + 1];
     *first = if *first == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).expect("ASCII MAC");
-    assert!(unsign(&tampered, &keys.rotated).is_none(), "tampered MAC accepted");
+    assert!(
+        unsign(&tampered, &keys.rotated).is_none(),
+        "tampered MAC accepted"
+    );
 }

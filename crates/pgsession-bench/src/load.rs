@@ -5,9 +5,9 @@
 //!
 //! Each connection first logs in (`POST /login`) and counts once
 //! (`POST /counter`), so that its session exists; then it runs the workload
-//! for the warm-up and the measured time. Only requests that complete
-//! inside the measured window count; a request in flight when the window
-//! closes is not counted.
+//! for the warm-up and for one or more measured windows. Only requests that
+//! complete inside a measured window count; a request in flight when the
+//! window closes is not counted.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -60,38 +60,34 @@ fn login_body(user: &str) -> Bytes {
     Bytes::from(serde_json::json!({ "user": user }).to_string())
 }
 
-/// How to drive one server.
-#[derive(Debug, Clone)]
-pub(crate) struct LoadPlan {
-    /// The server.
-    pub(crate) addr: SocketAddr,
-    /// What to send.
-    pub(crate) workload: Workload,
-    /// Concurrent connections.
-    pub(crate) connections: usize,
-    /// Time sent but not measured, after the set-up.
-    pub(crate) warmup: Duration,
-    /// Time measured.
-    pub(crate) duration: Duration,
-}
-
-/// What one run measured.
+/// What one or more runs measured.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LoadResult {
-    /// Requests completed (any status) inside the measured window.
+    /// Requests completed (any status) inside the measured windows.
     pub(crate) requests: u64,
     /// Of those, answers other than 2xx, plus transport errors (failed
-    /// connects, resets, broken bodies) inside the window.
+    /// connects, resets, broken bodies) inside the windows.
     pub(crate) errors: u64,
     /// Requests that failed while the connections set up their sessions.
     pub(crate) setup_errors: u64,
-    /// The measured window.
+    /// The measured time, all windows together.
     pub(crate) window: Duration,
-    /// Latencies of the requests completed inside the window, sorted.
+    /// Latencies of the requests completed inside the windows (sorted by
+    /// [`LoadResult::merge`]).
     pub(crate) latencies: Vec<Duration>,
 }
 
 impl LoadResult {
+    /// Adds `other`'s figures to these, keeping the latencies sorted.
+    pub(crate) fn merge(&mut self, other: LoadResult) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.setup_errors += other.setup_errors;
+        self.window += other.window;
+        self.latencies.extend(other.latencies);
+        self.latencies.sort_unstable();
+    }
+
     /// Requests per second.
     pub(crate) fn rate(&self) -> f64 {
         self.requests as f64 / self.window.as_secs_f64().max(f64::EPSILON)
@@ -107,50 +103,88 @@ impl LoadResult {
     }
 }
 
-/// Runs `plan` and gathers what each connection saw.
-pub(crate) async fn run(plan: &LoadPlan) -> anyhow::Result<LoadResult> {
-    // Every connection logs in before anyone starts the clock.
-    let mut clients = Vec::with_capacity(plan.connections);
-    let mut setup_errors = 0;
-    for i in 0..plan.connections {
-        let user = format!("bench-{i}");
-        let mut client = Client::connect(plan.addr)
-            .await
-            .with_context(|| format!("connecting to {}", plan.addr))?;
-        for (method, path, body) in [
-            (Method::POST, "/login", login_body(&user)),
-            (Method::POST, "/counter", Bytes::new()),
-        ] {
-            match client.send(method, path, body).await {
-                Ok(status) if status.is_success() => {}
-                _ => setup_errors += 1,
+/// The connections to one server, logged in, ready to run a workload in
+/// as many windows as asked.
+pub(crate) struct Driver {
+    workload: Workload,
+    /// Each connection and its user name.
+    clients: Vec<(Client, String)>,
+    setup_errors: u64,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("workload", &self.workload)
+            .field("connections", &self.clients.len())
+            .finish()
+    }
+}
+
+impl Driver {
+    /// Opens `connections` connections to `addr`; each logs in and counts
+    /// once, so that its session exists.
+    pub(crate) async fn connect(
+        addr: SocketAddr,
+        workload: Workload,
+        connections: usize,
+    ) -> anyhow::Result<Driver> {
+        let mut clients = Vec::with_capacity(connections);
+        let mut setup_errors = 0;
+        for i in 0..connections {
+            let user = format!("bench-{i}");
+            let mut client = Client::connect(addr)
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            for (method, path, body) in [
+                (Method::POST, "/login", login_body(&user)),
+                (Method::POST, "/counter", Bytes::new()),
+            ] {
+                match client.send(method, path, body).await {
+                    Ok(status) if status.is_success() => {}
+                    _ => setup_errors += 1,
+                }
             }
+            clients.push((client, user));
         }
-        clients.push((client, user));
+        Ok(Driver {
+            workload,
+            clients,
+            setup_errors,
+        })
     }
 
-    let measure_from = Instant::now() + plan.warmup;
-    let until = measure_from + plan.duration;
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|(client, user)| {
-            let workload = plan.workload;
-            tokio::spawn(drive(client, workload, user, measure_from, until))
-        })
-        .collect();
-    let mut result = LoadResult {
-        setup_errors,
-        window: plan.duration,
-        ..LoadResult::default()
-    };
-    for task in tasks {
-        let part = task.await.context("a load connection panicked")?;
-        result.requests += part.requests;
-        result.errors += part.errors;
-        result.latencies.extend(part.latencies);
+    /// Sends the workload on every connection for `warmup` (not measured),
+    /// then for `duration` (measured), and waits for the answers in flight.
+    pub(crate) async fn run(
+        &mut self,
+        warmup: Duration,
+        duration: Duration,
+    ) -> anyhow::Result<LoadResult> {
+        let measure_from = Instant::now() + warmup;
+        let until = measure_from + duration;
+        let tasks: Vec<_> = std::mem::take(&mut self.clients)
+            .into_iter()
+            .map(|(client, user)| {
+                let workload = self.workload;
+                tokio::spawn(drive(client, workload, user, measure_from, until))
+            })
+            .collect();
+        let mut result = LoadResult {
+            setup_errors: std::mem::take(&mut self.setup_errors),
+            window: duration,
+            ..LoadResult::default()
+        };
+        for task in tasks {
+            let (client, user, part) = task.await.context("a load connection panicked")?;
+            self.clients.push((client, user));
+            result.requests += part.requests;
+            result.errors += part.errors;
+            result.latencies.extend(part.latencies);
+        }
+        result.latencies.sort_unstable();
+        Ok(result)
     }
-    result.latencies.sort_unstable();
-    Ok(result)
 }
 
 /// One connection's loop.
@@ -160,13 +194,13 @@ async fn drive(
     user: String,
     measure_from: Instant,
     until: Instant,
-) -> LoadResult {
+) -> (Client, String, LoadResult) {
     let (method, path, body) = workload.request(&user);
     let mut part = LoadResult::default();
     loop {
         let started = Instant::now();
         if started >= until {
-            return part;
+            return (client, user, part);
         }
         let outcome = client.send(method.clone(), path, body.clone()).await;
         let done = Instant::now();

@@ -1,10 +1,11 @@
 //! `pgsession-bench`: benchmarks of pgsession.
 //!
 //! - `http`: the reference server (`pgsession serve`) and a peer built on
-//!   axum + tower-sessions + tower-sessions-sqlx-store, one after the other on
-//!   the same database, each in a fresh child process per workload, driven by
-//!   the same load ([`load`]); prints requests/s, latencies, errors, each
-//!   server's peak RSS and the ratios ([`report`]).
+//!   axum + tower-sessions + tower-sessions-sqlx-store on the same database,
+//!   each in a fresh child process per workload, driven by the same load
+//!   ([`load`]) one after the other, in alternating slices; prints
+//!   requests/s, latencies, errors, each server's peak RSS and the ratios
+//!   ([`report`]).
 //! - `store`: `pgsession::Store` alone against pgbench ([`store_bench`]).
 //! - `peer-server`: the peer ([`peer`]), run by `http` as a child process.
 //!
@@ -55,6 +56,11 @@ struct HttpArgs {
     /// Unmeasured load before the measured time.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     warmup: Duration,
+    /// The measured time is cut into slices of this length, given to each
+    /// server in turn, so that other work on the machine weighs on both
+    /// alike; 0 measures each server in one piece.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    slice: Duration,
     /// Concurrent connections, each with its own session cookie.
     #[arg(long, default_value_t = 32)]
     connections: usize,
@@ -142,8 +148,10 @@ async fn database(url: Option<&str>) -> anyhow::Result<TestDb> {
     Ok(db)
 }
 
-/// The `http` mode: every workload on every server, each run on a fresh
-/// server process, then the tables.
+/// The `http` mode. For each workload: a fresh process of each server,
+/// each warmed up, then measured in alternating slices (pgsession, peer,
+/// pgsession, ...) so that both see the same background load; then the
+/// tables.
 async fn http(args: HttpArgs) -> anyhow::Result<()> {
     let pgsession_bin = match &args.pgsession_bin {
         Some(path) => path.clone(),
@@ -153,29 +161,54 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
     let logs = tempfile::Builder::new()
         .prefix("pgsession-bench-")
         .tempdir()?;
+    let slice = slice_of(args.slice, args.duration);
     let mut rows = Vec::new();
     for &workload in &args.workloads {
+        let rolling = workload == Workload::Rolling;
+        let mut runs = Vec::new();
         for &server in &args.servers {
-            eprintln!("{} on {} ...", workload.name(), server.name());
-            let rolling = workload == Workload::Rolling;
             let log = logs
                 .path()
                 .join(format!("{}-{}.log", server.name(), workload.name()));
-            let mut process =
+            let process =
                 ServerProcess::start(server, &pgsession_bin, db.url(), rolling, &log).await?;
-            let plan = load::LoadPlan {
-                addr: process.addr,
-                workload,
-                connections: args.connections,
-                warmup: args.warmup,
-                duration: args.duration,
-            };
-            let result = load::run(&plan).await;
+            runs.push((server, process, load::LoadResult::default()));
+        }
+        let mut drivers = Vec::new();
+        for (server, process, _) in &runs {
+            eprintln!(
+                "{} on {}: set-up and warm-up ...",
+                workload.name(),
+                server.name()
+            );
+            let mut driver = load::Driver::connect(process.addr, workload, args.connections)
+                .await
+                .with_context(|| process.log_tail())?;
+            driver.run(args.warmup, Duration::ZERO).await?;
+            drivers.push(driver);
+        }
+        eprintln!("{}: measuring ...", workload.name());
+        let mut left = args.duration;
+        while !left.is_zero() {
+            let window = slice.min(left);
+            for ((_, process, load), driver) in runs.iter_mut().zip(&mut drivers) {
+                let part = driver
+                    .run(Duration::ZERO, window)
+                    .await
+                    .with_context(|| process.log_tail())?;
+                load.merge(part);
+            }
+            left -= window;
+        }
+        for (server, mut process, load) in runs {
             let peak_rss_kib = process.peak_rss_kib();
             process.stop().await;
-            let load = result.with_context(|| process.log_tail())?;
             if load.errors > 0 || load.setup_errors > 0 {
-                eprintln!("  errors; the server's log:\n{}", process.log_tail());
+                eprintln!(
+                    "  {} answered errors; its log:\n{}",
+                    server.name(),
+                    process.log_tail()
+                );
             }
             rows.push(report::HttpRow {
                 workload,
@@ -183,16 +216,26 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
                 load,
                 peak_rss_kib,
             });
-            settle(&db).await;
         }
+        settle(&db).await;
     }
     println!("{}", report::machine());
     println!(
-        "{} connections, warm-up {:?}, measured {:?} per workload and server\n",
-        args.connections, args.warmup, args.duration
+        "{} connections; per workload and server: warm-up {:?}, measured {:?} in slices of {:?}, alternating servers\n",
+        args.connections, args.warmup, args.duration, slice
     );
     println!("{}", report::http_table(&rows));
     Ok(())
+}
+
+/// The length of one measured slice: `slice`, or the whole `duration` when
+/// `slice` is zero or longer.
+fn slice_of(slice: Duration, duration: Duration) -> Duration {
+    if slice.is_zero() || slice > duration {
+        duration
+    } else {
+        slice
+    }
 }
 
 /// Between runs: dead rows vacuumed and dirty pages written, so that one

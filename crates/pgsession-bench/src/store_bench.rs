@@ -29,6 +29,11 @@ pub(crate) struct StoreArgs {
     /// Unmeasured time before each run.
     #[arg(long, default_value = "2s", value_parser = crate::parse_duration)]
     warmup: Duration,
+    /// The measured time is cut into slices of this length (whole
+    /// seconds), Store and pgbench in turn, so that other work on the
+    /// machine weighs on both alike; 0 runs each in one piece.
+    #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
+    slice: Duration,
     /// Numbers of concurrent callers (and pgbench clients).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     concurrency: Vec<usize>,
@@ -44,7 +49,7 @@ pub(crate) struct StoreArgs {
     pgbench: Option<PathBuf>,
 }
 
-/// Runs every operation at every concurrency, store then pgbench.
+/// Runs every operation at every concurrency, Store and pgbench in turn.
 pub(crate) async fn run(args: StoreArgs) -> anyhow::Result<Vec<StoreRow>> {
     let db = crate::database(args.database_url.as_deref()).await?;
     let config = pgsession::Config::builder().url(db.url()).build()?;
@@ -63,35 +68,48 @@ pub(crate) async fn run(args: StoreArgs) -> anyhow::Result<Vec<StoreRow>> {
     client.batch_execute("VACUUM ANALYZE session_store").await?;
 
     let pgbench = args.pgbench.clone().unwrap_or_else(find_pgbench);
+    // pgbench counts in whole seconds.
+    let slice = Duration::from_secs(crate::slice_of(args.slice, args.duration).as_secs().max(1));
     let scripts = tempfile::tempdir()?;
     let mut rows = Vec::new();
     for op in [StoreOp::Load, StoreOp::Save] {
         let script = scripts.path().join(format!("{}.sql", op.name()));
         std::fs::write(&script, pgbench_script(op, args.rows))?;
         for &callers in &args.concurrency {
-            eprintln!("store {} with {callers} callers ...", op.name());
-            let ours = run_store(&store, op, callers, args.rows, args.warmup, args.duration).await;
+            eprintln!("{} with {callers} callers ...", op.name());
+            let bench = Pgbench {
+                program: &pgbench,
+                url: db.url(),
+                script: &script,
+                clients: callers,
+            };
+            // Warm-up, then alternating slices: Store, pgbench, Store, ...
+            run_store(&store, op, callers, args.rows, args.warmup, Duration::ZERO).await;
+            if args.warmup >= Duration::from_secs(1) {
+                bench.run(args.warmup).await?;
+            }
+            let (mut ours, mut theirs) = (crate::load::LoadResult::default(), Vec::new());
+            let mut left = args.duration;
+            while !left.is_zero() {
+                let window = slice.min(left);
+                let part = run_store(&store, op, callers, args.rows, Duration::ZERO, window).await;
+                ours.merge(part);
+                theirs.push(bench.run(window).await?);
+                left -= window;
+            }
             client.batch_execute("VACUUM session_store").await?;
-            eprintln!("pgbench {} with {callers} clients ...", op.name());
-            let theirs = run_pgbench(
-                &pgbench,
-                db.url(),
-                &script,
-                callers,
-                args.warmup,
-                args.duration,
-            )
-            .await?;
-            client.batch_execute("VACUUM session_store").await?;
+            let slices = theirs.len() as f64;
+            let latencies: Vec<f64> = theirs.iter().filter_map(|r| r.latency_ms).collect();
             rows.push(StoreRow {
                 op,
                 callers,
-                ops_per_sec: ours.requests as f64 / args.duration.as_secs_f64(),
+                ops_per_sec: ours.rate(),
                 p50: ours.quantile(0.5),
                 p99: ours.quantile(0.99),
                 errors: ours.errors,
-                pgbench_tps: theirs.tps,
-                pgbench_latency_ms: theirs.latency_ms,
+                pgbench_tps: theirs.iter().map(|r| r.tps).sum::<f64>() / slices,
+                pgbench_latency_ms: (!latencies.is_empty())
+                    .then(|| latencies.iter().sum::<f64>() / latencies.len() as f64),
             });
         }
     }
@@ -184,71 +202,65 @@ struct PgbenchResult {
     latency_ms: Option<f64>,
 }
 
-/// Runs pgbench for `warmup` (discarded), then for `duration`.
-async fn run_pgbench(
-    pgbench: &Path,
-    url: &str,
-    script: &Path,
+/// One pgbench set-up: the script, the database and the number of clients.
+#[derive(Debug)]
+struct Pgbench<'a> {
+    program: &'a Path,
+    url: &'a str,
+    script: &'a Path,
     clients: usize,
-    warmup: Duration,
-    duration: Duration,
-) -> anyhow::Result<PgbenchResult> {
-    let config: tokio_postgres::Config = url.parse()?;
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        _ => "127.0.0.1".to_owned(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("postgres").to_owned();
-    let dbname = config.get_dbname().unwrap_or("postgres").to_owned();
-    let password = config
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned());
-    let threads = clients.min(2);
-    let once = |seconds: u64| {
-        let mut command = tokio::process::Command::new(pgbench);
+}
+
+impl Pgbench<'_> {
+    /// Runs pgbench for `duration` (whole seconds, at least one).
+    async fn run(&self, duration: Duration) -> anyhow::Result<PgbenchResult> {
+        let config: tokio_postgres::Config = self.url.parse()?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => "127.0.0.1".to_owned(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap_or("postgres");
+        let dbname = config.get_dbname().unwrap_or("postgres");
+        let mut command = tokio::process::Command::new(self.program);
         command
             .args(["-M", "prepared", "-n"])
             .arg("-c")
-            .arg(clients.to_string())
+            .arg(self.clients.to_string())
             .arg("-j")
-            .arg(threads.to_string())
+            .arg(self.clients.min(2).to_string())
             .arg("-T")
-            .arg(seconds.to_string())
+            .arg(duration.as_secs().max(1).to_string())
             .arg("-f")
-            .arg(script)
-            .args(["-h", &host, "-p", &port.to_string(), "-U", &user, &dbname])
+            .arg(self.script)
+            .args(["-h", &host, "-p", &port.to_string(), "-U", user, dbname])
             .stdin(Stdio::null());
-        if let Some(password) = &password {
-            command.env("PGPASSWORD", password);
+        if let Some(password) = config.get_password() {
+            command.env("PGPASSWORD", String::from_utf8_lossy(password).as_ref());
         }
-        command
-    };
-    if warmup >= Duration::from_secs(1) {
-        once(warmup.as_secs()).output().await?;
+        let output = command
+            .output()
+            .await
+            .with_context(|| format!("running {}", self.program.display()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "pgbench failed ({}):\n{stdout}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let number_after = |prefix: &str| {
+            stdout
+                .lines()
+                .find_map(|line| line.trim().strip_prefix(prefix))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse::<f64>().ok())
+        };
+        let tps = number_after("tps = ").context("no `tps = ` line in pgbench's output")?;
+        Ok(PgbenchResult {
+            tps,
+            latency_ms: number_after("latency average = "),
+        })
     }
-    let output = once(duration.as_secs().max(1))
-        .output()
-        .await
-        .with_context(|| format!("running {}", pgbench.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "pgbench failed ({}):\n{stdout}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let number_after = |prefix: &str| {
-        stdout
-            .lines()
-            .find_map(|line| line.trim().strip_prefix(prefix))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<f64>().ok())
-    };
-    let tps = number_after("tps = ").context("no `tps = ` line in pgbench's output")?;
-    Ok(PgbenchResult {
-        tps,
-        latency_ms: number_after("latency average = "),
-    })
 }

@@ -20,8 +20,8 @@ use pgsession::ConfigBuilder;
 
 use crate::UsageError;
 
-/// Resilient PostgreSQL-backed HTTP sessions: a reference server, migrations
-/// and pruning.
+/// Resilient PostgreSQL-backed HTTP sessions: a reference server, migrations,
+/// pruning and diagnostics.
 ///
 /// Every flag can also be given as an environment variable (shown in
 /// brackets); a flag on the command line wins. Logs go to stderr, filtered
@@ -53,6 +53,14 @@ pub(crate) enum Command {
     /// Delete expired sessions now (the server also does this in the
     /// background every prune interval).
     Prune(PruneArgs),
+    /// Check a database connection step by step, and say what to change.
+    ///
+    /// The steps: URL, DNS, TCP, TLS and certificate, login, version, first
+    /// query, table and index, sessions, and the settings in force on a
+    /// connection of the session pool. Each is printed with its time and a
+    /// verdict, and a failure with its likely cause and the setting to
+    /// change. Exits with 1 when a step fails. Changes nothing.
+    Doctor(DoctorArgs),
 }
 
 /// How log lines are written.
@@ -151,6 +159,14 @@ pub(crate) struct MigrateArgs {
 /// `pgsession prune`.
 #[derive(Debug, Args)]
 pub(crate) struct PruneArgs {
+    /// The session store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+/// `pgsession doctor`.
+#[derive(Debug, Args)]
+pub(crate) struct DoctorArgs {
     /// The session store.
     #[command(flatten)]
     pub(crate) store: StoreArgs,

@@ -10,11 +10,21 @@ use tracing_subscriber::EnvFilter;
 
 use crate::args::LogFormat;
 
+/// At debug level tokio-postgres logs every query's parameters: session
+/// ids and documents. Unless `RUST_LOG` names the driver itself, it stays at
+/// info.
+fn quiet_driver(filter: EnvFilter, spec: &str) -> EnvFilter {
+    if spec.contains("tokio_postgres") {
+        return filter;
+    }
+    filter.add_directive("tokio_postgres=info".parse().expect("a valid directive"))
+}
+
 /// Installs the global subscriber. Called once, before any command runs.
 pub(crate) fn init(format: LogFormat) {
     let (filter, bad_filter) = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(&spec) {
-            Ok(filter) => (filter, None),
+            Ok(filter) => (quiet_driver(filter, &spec), None),
             Err(e) => (EnvFilter::new("info"), Some(e.to_string())),
         },
         _ => (EnvFilter::new("info"), None),

@@ -3,7 +3,11 @@
 //!
 //! `initdb` runs once per process into a template directory; each cluster is a `cp -a` copy of
 //! it, which makes a start take well under a second. Clusters live in `/dev/shm` when it has room
-//! (see [`base_dir`]), and directories left by killed test processes are swept on the next run.
+//! (see [`base_dir`]), and directories left by killed test processes are swept on the next run
+//! (with any server or PgBouncer still running in them).
+//!
+//! A cluster can also be a streaming standby of another ([`TestCluster::start_standby`]): its data
+//! directory then comes from `pg_basebackup -R` instead of the template.
 
 use std::{
     env, fs,
@@ -19,18 +23,20 @@ use tokio::sync::{Mutex, OnceCell};
 use crate::{db::connect, db::quote_ident, Result, TestkitError};
 
 /// The only address clusters listen on.
-const HOST: &str = "127.0.0.1";
+pub(crate) const HOST: &str = "127.0.0.1";
 /// Seconds `pg_ctl -w` waits for a start or stop.
 const PG_CTL_TIMEOUT: &str = "30";
 /// Prefix of every directory the testkit creates in the temp dir, followed by the owner's pid.
 const DIR_PREFIX: &str = "pgsession-testkit-";
 /// How often a first start is retried when another process grabbed the chosen port.
-const PORT_ATTEMPTS: usize = 5;
+pub(crate) const PORT_ATTEMPTS: usize = 5;
 /// Overrides where clusters are created (see [`base_dir`]).
 const DIR_ENV: &str = "PGSESSION_TESTKIT_DIR";
 /// RAM-backed directory preferred for clusters when it has this much room.
 const SHM_DIR: &str = "/dev/shm";
 const SHM_MIN_FREE_KIB: u64 = 2 * 1024 * 1024;
+/// The pid file a [`crate::PgBouncer`] writes in its directory, so that a sweep can stop it.
+pub(crate) const PGBOUNCER_PID_FILE: &str = "pgbouncer.pid";
 
 /// How to set up a [`TestCluster`]. `ClusterOptions::default()` is a plain server.
 #[derive(Debug, Clone, Default)]
@@ -49,15 +55,15 @@ pub struct ClusterOptions {
 
 /// The initdb'd data directory every cluster of this process is copied from.
 #[derive(Debug)]
-struct Template {
+pub(crate) struct Template {
     /// Lives as long as the process; [`sweep_stale_dirs`] removes it after the process is gone.
     _dir: TempDir,
     /// Where the template and the clusters live.
-    base: PathBuf,
+    pub(crate) base: PathBuf,
     data: PathBuf,
     pg_ctl: PathBuf,
     /// `Some((uid, gid))` of the `postgres` user when we run as root and must drop privileges.
-    owner: Option<(u32, u32)>,
+    pub(crate) owner: Option<(u32, u32)>,
 }
 
 impl Template {
@@ -65,6 +71,53 @@ impl Template {
     fn command(&self, program: &Path) -> StdCommand {
         pg_command(self.owner.is_some(), program)
     }
+
+    /// Another server binary, e.g. `pg_basebackup`: beside the real `pg_ctl` (`PATH` may hold
+    /// a symbolic link to it alone), beside the `pg_ctl` found, or in `pg_config --bindir`.
+    fn tool(&self, name: &str) -> Result<PathBuf> {
+        let real_bindir = fs::canonicalize(&self.pg_ctl)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned));
+        let pg_config_bindir = || {
+            let output = StdCommand::new("pg_config").arg("--bindir").output().ok()?;
+            output
+                .status
+                .success()
+                .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+        };
+        real_bindir
+            .into_iter()
+            .chain(self.pg_ctl.parent().map(Path::to_owned))
+            .chain(pg_config_bindir())
+            .map(|dir| dir.join(name))
+            .find(|path| path.is_file())
+            .ok_or_else(|| TestkitError::Command {
+                command: name.to_owned(),
+                status: "not found".to_owned(),
+                output: format!("looked beside {}", self.pg_ctl.display()),
+            })
+    }
+
+    /// A new directory for a cluster (or a pooler) of this process, owned by the user that runs
+    /// the servers. `kind` (empty, or ending with `-`, so that [`sweep_stale_dirs`] still finds
+    /// the pid after the prefix) ends up in its name.
+    pub(crate) fn new_dir(&self, kind: &str) -> Result<TempDir> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{DIR_PREFIX}{}-{kind}", std::process::id()))
+            .tempdir_in(&self.base)
+            .map_err(TestkitError::io("creating a testkit directory"))?;
+        if let Some((uid, gid)) = self.owner {
+            chown(dir.path(), Some(uid), Some(gid))
+                .map_err(TestkitError::io("handing a testkit directory to postgres"))?;
+        }
+        Ok(dir)
+    }
+}
+
+/// The template of this process, made on first use: where throwaway servers live and which user
+/// runs them.
+pub(crate) async fn template() -> Result<&'static Template> {
+    TEMPLATE.get_or_try_init(init_template).await
 }
 
 static TEMPLATE: OnceCell<Template> = OnceCell::const_new();
@@ -92,30 +145,75 @@ impl TestCluster {
 
     /// Starts a cluster set up as `options` says, on a free port.
     pub async fn start_with(options: ClusterOptions) -> Result<Self> {
-        let template = TEMPLATE.get_or_try_init(init_template).await?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
-            .tempdir_in(&template.base)
-            .map_err(TestkitError::io("creating the cluster directory"))?;
+        let template = template().await?;
+        let dir = template.new_dir("")?;
         let data_dir = dir.path().join("data");
         let mut cp = StdCommand::new("cp");
         cp.arg("-a").arg(&template.data).arg(&data_dir);
         run(cp).await?;
-        if let Some((uid, gid)) = template.owner {
-            chown(dir.path(), Some(uid), Some(gid)).map_err(TestkitError::io(
-                "handing the cluster directory to postgres",
-            ))?;
-        }
-        let cluster = TestCluster {
-            template,
-            log_path: dir.path().join("postgres.log"),
-            dir,
-            data_dir,
-            port: 0,
-            lifecycle: Mutex::new(()),
-        };
+        let cluster = TestCluster::in_dir(template, dir);
         cluster.write_files(&options.files)?;
         cluster.start_on_free_port(&options).await
+    }
+
+    /// Starts a streaming standby of `primary`, on a free port: its data directory is a
+    /// `pg_basebackup -R -X stream` of the running primary, and it streams from it as
+    /// `application_name` (the name `synchronous_standby_names` on the primary refers to).
+    ///
+    /// The standby inherits the primary's `postgresql.conf`; `options.config` comes after it
+    /// (e.g. `synchronous_standby_names = ''`, so that a promoted standby does not wait for a
+    /// standby of its own). `options.files` are written after the base backup.
+    pub async fn start_standby(
+        primary: &TestCluster,
+        application_name: &str,
+        options: ClusterOptions,
+    ) -> Result<Self> {
+        let template = primary.template;
+        let dir = template.new_dir("standby-")?;
+        let data_dir = dir.path().join("data");
+        let mut basebackup = template.command(&template.tool("pg_basebackup")?);
+        basebackup
+            .args([
+                "-h",
+                HOST,
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-X", "stream", "-c", "fast", "--no-sync", "-R", "-D"])
+            .arg(&data_dir)
+            .current_dir(dir.path());
+        run(basebackup).await?;
+        // `-R` wrote a primary_conninfo of its own into postgresql.auto.conf, which is read after
+        // postgresql.conf: this one, appended to the same file, wins.
+        let auto_conf = data_dir.join("postgresql.auto.conf");
+        let conninfo = format!(
+            "\n# pgsession-testkit standby\nprimary_conninfo = 'host={HOST} port={} user=postgres \
+             application_name={application_name}'\n",
+            primary.port
+        );
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(&auto_conf)
+            .map_err(TestkitError::io(format!("opening {}", auto_conf.display())))?;
+        std::io::Write::write_all(&mut file, conninfo.as_bytes())
+            .map_err(TestkitError::io(format!("writing {}", auto_conf.display())))?;
+        let cluster = TestCluster::in_dir(template, dir);
+        cluster.write_files(&options.files)?;
+        cluster.start_on_free_port(&options).await
+    }
+
+    /// A cluster whose data directory is (to be) `dir/data`; not started.
+    fn in_dir(template: &'static Template, dir: TempDir) -> Self {
+        TestCluster {
+            template,
+            log_path: dir.path().join("postgres.log"),
+            data_dir: dir.path().join("data"),
+            dir,
+            port: 0,
+            lifecycle: Mutex::new(()),
+        }
     }
 
     async fn start_on_free_port(mut self, options: &ClusterOptions) -> Result<Self> {
@@ -265,6 +363,15 @@ impl TestCluster {
     pub async fn restart(&self) -> Result<()> {
         self.stop().await?;
         self.start_again().await
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote -w`): returns once it accepts writes.
+    pub async fn promote(&self) -> Result<()> {
+        let _guard = self.lifecycle.lock().await;
+        let mut command = self.pg_ctl();
+        command.args(["promote", "-w", "-t", PG_CTL_TIMEOUT, "-D"]);
+        command.arg(&self.data_dir);
+        run(command).await.map(drop)
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -446,6 +553,7 @@ fn sweep_stale_dirs(base: &Path, as_root: bool, pg_ctl: &Path) {
         if Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
+        stop_stale_pgbouncer(&entry.path().join(PGBOUNCER_PID_FILE));
         let data = entry.path().join("data");
         if data.join("postmaster.pid").exists() {
             let _ = pg_command(as_root, pg_ctl)
@@ -456,6 +564,19 @@ fn sweep_stale_dirs(base: &Path, as_root: bool, pg_ctl: &Path) {
         }
         tracing::debug!(path = %entry.path().display(), "removing stale testkit directory");
         let _ = fs::remove_dir_all(entry.path());
+    }
+}
+
+/// Kills the PgBouncer whose pid file this is, if it still runs.
+fn stop_stale_pgbouncer(pid_file: &Path) {
+    let Ok(pid) = fs::read_to_string(pid_file) else {
+        return;
+    };
+    let pid = pid.trim();
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if pid.parse::<u32>().is_ok() && comm.trim() == "pgbouncer" {
+        tracing::debug!(pid, "killing a stale PgBouncer");
+        let _ = StdCommand::new("kill").args(["-KILL", pid]).status();
     }
 }
 
@@ -471,7 +592,7 @@ fn pg_command(as_root: bool, program: &Path) -> StdCommand {
 }
 
 /// A port that was free a moment ago.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map_err(TestkitError::io("finding a free port"))?;

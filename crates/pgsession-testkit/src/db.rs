@@ -74,6 +74,19 @@ impl TestDb {
         })
     }
 
+    /// A handle on database `name`, which already exists at `url`, for helpers that take a
+    /// `TestDb`; nothing is created, and nothing is dropped with it. E.g. the database of a
+    /// [`ReplicaPair`](crate::ReplicaPair), through whichever server is the primary:
+    /// `TestDb::existing(pair.url(), pair.database())`.
+    pub fn existing(url: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            name: name.into(),
+            cluster: None,
+            server_url: None,
+        }
+    }
+
     /// A URL (or connection string) for the test database.
     pub fn url(&self) -> &str {
         &self.url

@@ -14,6 +14,22 @@ pub enum TestkitError {
          `pg_config --bindir`; install postgresql or set DATABASE_URL"
     )]
     BinariesNotFound,
+    /// The `pgbouncer` binary could not be located.
+    #[error(
+        "pgbouncer not found: looked on PATH and in /usr/sbin, /usr/local/sbin, /usr/local/bin \
+         and /usr/bin; install it (Debian: apt-get install pgbouncer)"
+    )]
+    PgBouncerNotFound,
+    /// PgBouncer did not come up; its log says why.
+    #[error("PgBouncer did not start on 127.0.0.1:{port}: {reason}\nlog:\n{log}")]
+    PgBouncerStart {
+        /// The port it was meant to listen on.
+        port: u16,
+        /// What went wrong (it exited, or did not accept connections in time).
+        reason: String,
+        /// What it logged during this start attempt.
+        log: String,
+    },
     /// A file system or socket operation failed.
     #[error("{action}: {source}")]
     Io {
@@ -23,7 +39,7 @@ pub enum TestkitError {
         #[source]
         source: io::Error,
     },
-    /// An external command (initdb, pg_ctl, cp, chown) failed.
+    /// An external command (initdb, pg_ctl, pg_basebackup, cp, chown) failed.
     #[error("`{command}` failed ({status}): {output}")]
     Command {
         /// The command line.
@@ -45,6 +61,9 @@ pub enum TestkitError {
         /// The server log written during this start attempt.
         log: String,
     },
+    /// A standby did not stream from its primary, or did not catch up, in time.
+    #[error("replication: {0}")]
+    Replication(String),
     /// A connection to PostgreSQL or a statement failed.
     #[error("{action}: {source}")]
     Postgres {

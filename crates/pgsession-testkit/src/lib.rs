@@ -1,5 +1,7 @@
 //! Test support for pgsession: throwaway PostgreSQL clusters ([`TestCluster`]), fresh test
-//! databases ([`TestDb`]) and a TCP proxy that injects network faults ([`FaultProxy`]).
+//! databases ([`TestDb`]), a TCP proxy that injects network faults ([`FaultProxy`]), PgBouncer
+//! in front of a server ([`PgBouncer`], needs the `pgbouncer` binary) and a primary with a
+//! synchronous streaming standby ([`ReplicaPair`]).
 //!
 //! [`TestDb::new`] uses the server in `DATABASE_URL` when that is set; otherwise, like
 //! [`TestCluster`], it needs the PostgreSQL server binaries (`initdb`, `pg_ctl`) on `PATH` or in
@@ -31,9 +33,13 @@
 mod cluster;
 mod db;
 mod error;
+mod pgbouncer;
 mod proxy;
+mod replica;
 
 pub use cluster::{ClusterOptions, TestCluster};
 pub use db::TestDb;
 pub use error::{Result, TestkitError};
+pub use pgbouncer::{PgBouncer, PgBouncerOptions};
 pub use proxy::FaultProxy;
+pub use replica::{ReplicaPair, STANDBY_NAME};

@@ -6,9 +6,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pgsession_testkit::{ClusterOptions, FaultProxy, TestCluster, TestDb};
+use pgsession_testkit::{
+    ClusterOptions, FaultProxy, PgBouncer, PgBouncerOptions, ReplicaPair, TestCluster, TestDb,
+    STANDBY_NAME,
+};
 use tokio::time::timeout;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
@@ -448,4 +451,204 @@ async fn dropping_the_proxy_closes_everything() {
         connect(&url).await.is_err(),
         "the proxy still accepts connections"
     );
+}
+
+/// `SHOW CONFIG` of a PgBouncer's admin console, as `key -> value`.
+async fn pgbouncer_config(bouncer: &PgBouncer) -> std::collections::HashMap<String, String> {
+    let admin = connect(&bouncer.admin_url()).await.unwrap();
+    admin
+        .simple_query("SHOW CONFIG")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some((
+                row.get(0).unwrap_or_default().to_owned(),
+                row.get(1).unwrap_or_default().to_owned(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pgbouncer_pools_in_transaction_mode_and_refuses_startup_options() {
+    let cluster = TestCluster::start().await.unwrap();
+    let bouncer = PgBouncer::start(cluster.socket_addr()).await.unwrap();
+    assert_eq!(bouncer.upstream(), cluster.socket_addr());
+    assert_ne!(bouncer.port(), cluster.port());
+    assert_eq!(
+        bouncer.url("postgres"),
+        format!("postgres://postgres@127.0.0.1:{}/postgres", bouncer.port())
+    );
+    let client = connect(&bouncer.url("postgres")).await.unwrap();
+    assert_eq!(one(&client).await.unwrap(), 1);
+    // Through PgBouncer to the cluster: the server's port is the cluster's.
+    assert_eq!(
+        text(&client, "SELECT current_setting('port')").await,
+        cluster.port().to_string()
+    );
+    let config = pgbouncer_config(&bouncer).await;
+    assert_eq!(config["pool_mode"], "transaction");
+    assert_eq!(config["ignore_startup_parameters"], "");
+
+    let with_options = format!("{}?options=-c%20TimeZone%3DUTC", bouncer.url("postgres"));
+    let refused = connect(&with_options).await.unwrap_err();
+    let message = refused.as_db_error().map(|e| e.message().to_owned());
+    assert_eq!(
+        message.as_deref(),
+        Some("unsupported startup parameter: options"),
+        "{refused:?}"
+    );
+
+    // The variant that drops `options` silently.
+    let lenient = PgBouncer::start_with(
+        cluster.socket_addr(),
+        PgBouncerOptions {
+            ignore_startup_parameters: vec!["options".into()],
+            ..PgBouncerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let with_options = format!("{}?options=-c%20work_mem%3D7MB", lenient.url("postgres"));
+    let client = connect(&with_options).await.unwrap();
+    assert_eq!(
+        text(&client, "SHOW work_mem").await,
+        "4MB",
+        "options dropped"
+    );
+    assert_eq!(
+        pgbouncer_config(&lenient).await["ignore_startup_parameters"],
+        "options"
+    );
+}
+
+#[tokio::test]
+async fn pgbouncer_stops_restarts_on_the_same_port_and_dies_with_drop() {
+    let cluster = TestCluster::start().await.unwrap();
+    let bouncer = PgBouncer::start(cluster.socket_addr()).await.unwrap();
+    let url = bouncer.url("postgres");
+    let port = bouncer.port();
+    let first_pid = bouncer.pid().expect("running");
+    let client = connect(&url).await.unwrap();
+    assert_eq!(one(&client).await.unwrap(), 1);
+
+    bouncer.restart().await.unwrap();
+    assert!(one(&client).await.is_err(), "a client survived the restart");
+    assert_eq!(bouncer.port(), port);
+    assert_ne!(bouncer.pid(), Some(first_pid));
+    let client = connect(&url).await.unwrap();
+    assert_eq!(one(&client).await.unwrap(), 1);
+
+    bouncer.stop().await.unwrap();
+    assert!(!bouncer.is_running());
+    assert!(!accepts_tcp(port));
+    assert!(connect(&url).await.is_err());
+    bouncer.stop().await.unwrap(); // stopping twice is fine
+    bouncer.start_again().await.unwrap();
+    assert_eq!(one(&connect(&url).await.unwrap()).await.unwrap(), 1);
+
+    bouncer.kill().await.unwrap();
+    assert!(!accepts_tcp(port));
+    bouncer.start_again().await.unwrap();
+    assert!(bouncer.read_log().unwrap().contains("process up"));
+
+    let config = bouncer.config_path().to_owned();
+    assert!(config.exists());
+    drop(bouncer);
+    assert!(!accepts_tcp(port), "PgBouncer outlived its drop");
+    assert!(!config.exists(), "{} is still there", config.display());
+}
+
+#[tokio::test]
+async fn pgbouncer_that_cannot_start_says_why() {
+    let cluster = TestCluster::start().await.unwrap();
+    let error = PgBouncer::start_with(
+        cluster.socket_addr(),
+        PgBouncerOptions {
+            pool_mode: "nonsense".into(),
+            ..PgBouncerOptions::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("PgBouncer did not start"), "{message}");
+    assert!(message.contains("nonsense"), "{message}");
+}
+
+#[tokio::test]
+async fn replica_pair_replicates_synchronously_and_fails_over() {
+    let pair = ReplicaPair::start().await.unwrap();
+    let (primary, standby) = (pair.primary(), pair.standby());
+    assert_eq!(
+        pair.url(),
+        format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/pgsession_test\
+             ?target_session_attrs=read-write",
+            primary.port(),
+            standby.port()
+        )
+    );
+    let on_primary = connect(&pair.primary_url()).await.unwrap();
+    let on_standby = connect(&pair.standby_url()).await.unwrap();
+    assert_eq!(
+        text(&on_primary, "SELECT sync_state FROM pg_stat_replication").await,
+        "sync"
+    );
+    assert_eq!(
+        text(
+            &on_primary,
+            "SELECT application_name FROM pg_stat_replication"
+        )
+        .await,
+        STANDBY_NAME
+    );
+    on_primary
+        .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    pair.wait_caught_up().await.unwrap();
+    assert_eq!(text(&on_standby, "SELECT count(*)::text FROM t").await, "1");
+    let read_only = on_standby
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap_err();
+    assert_eq!(read_only.code().map(|c| c.code()), Some("25006"));
+
+    // Standby first in the list: target_session_attrs=read-write still picks the primary.
+    let reversed = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/pgsession_test?target_session_attrs=read-write",
+        standby.port(),
+        primary.port()
+    );
+    let writable = connect(&reversed).await.unwrap();
+    assert_eq!(
+        text(&writable, "SELECT current_setting('port')").await,
+        primary.port().to_string()
+    );
+
+    pair.stop_primary().await.unwrap();
+    assert!(connect(&pair.url()).await.is_err(), "no writable server");
+    pair.promote_standby().await.unwrap();
+    let client = connect(&pair.url()).await.unwrap();
+    assert_eq!(
+        text(&client, "SELECT current_setting('port')").await,
+        standby.port().to_string()
+    );
+    // Commits no longer wait for a standby.
+    timeout(
+        Duration::from_secs(10),
+        client.batch_execute("INSERT INTO t VALUES (3)"),
+    )
+    .await
+    .expect("a commit on the promoted standby waited")
+    .unwrap();
+    assert_eq!(text(&client, "SELECT count(*)::text FROM t").await, "2");
+    // A session opened before the promotion may write now.
+    on_standby
+        .batch_execute("INSERT INTO t VALUES (4)")
+        .await
+        .unwrap();
 }

@@ -37,7 +37,7 @@ pub enum Error {
     /// The driver or the server reported an error. The message spells out
     /// the driver's whole chain of causes (its own `Display` says only "db
     /// error"), so they are not repeated as a `source`.
-    #[error("PostgreSQL: {}", chain(.0))]
+    #[error("PostgreSQL: {}", describe(.0))]
     Postgres(tokio_postgres::Error),
 
     /// The store was closed and no longer accepts operations.
@@ -172,6 +172,16 @@ impl Error {
 impl From<tokio_postgres::Error> for Error {
     fn from(error: tokio_postgres::Error) -> Self {
         Error::Postgres(error)
+    }
+}
+
+/// A driver error for a message: a server error as severity, SQLSTATE and
+/// message only (its DETAIL can quote row values, such as a session id),
+/// anything else with its causes.
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => chain(error),
     }
 }
 

@@ -10,6 +10,7 @@ use pgsession::{ConfigBuilder, Store};
 use crate::args::{Command, StoreArgs};
 use crate::UsageError;
 
+pub(crate) mod doctor;
 pub(crate) mod migrate;
 pub(crate) mod prune;
 pub(crate) mod serve;
@@ -20,6 +21,7 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args, serve::Shutdown::on_signals()?).await,
         Command::Migrate(args) => migrate::run(args).await,
         Command::Prune(args) => prune::run(args).await,
+        Command::Doctor(args) => doctor::run(args).await,
     }
 }
 

@@ -12,3 +12,9 @@ mod shutdown;
 mod startup;
 // `migrate`, `prune`, and the command line itself.
 mod commands;
+// `/metrics`, `/health` and the dashboard page as served.
+mod observability;
+// `/dashboard` in headless Chromium, through a database outage.
+mod dashboard;
+// `pgsession doctor` against a good, a stopped and a slow database.
+mod doctor;

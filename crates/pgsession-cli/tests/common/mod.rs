@@ -16,6 +16,10 @@ use pgsession_testkit::TestDb;
 /// The binary under test.
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_pgsession");
 
+/// Set to a `RUST_LOG` filter (e.g. `session_store=debug`) to have the
+/// servers started by [`ServeProcess`] log with it.
+pub(crate) const SERVE_LOG_ENV: &str = "PGSESSION_TEST_SERVE_LOG";
+
 /// The secret the harness signs with unless a test sets another.
 pub(crate) const SECRET: &str = "test-secret";
 
@@ -106,6 +110,10 @@ impl ServeProcess {
             .stderr(Stdio::piped());
         if let Some(url) = db_url {
             command.env("DATABASE_URL", url);
+        }
+        // A log filter for the servers under test, when debugging them.
+        if let Some(filter) = std::env::var_os(SERVE_LOG_ENV).filter(|f| !f.is_empty()) {
+            command.env("RUST_LOG", filter);
         }
         command.envs(extra_env.iter().copied());
         let mut child = command.spawn().expect("spawn pgsession serve");

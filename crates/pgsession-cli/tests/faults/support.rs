@@ -140,9 +140,19 @@ impl User {
 
 /// `n` users, each logged in on `base` (`POST /login`), each with a session.
 pub(crate) async fn login_users(http: &reqwest::Client, base: &str, n: usize) -> Vec<User> {
+    login_users_named(http, base, "user", n).await
+}
+
+/// `n` users named `<prefix>0`, `<prefix>1`..., each logged in on `base`.
+pub(crate) async fn login_users_named(
+    http: &reqwest::Client,
+    base: &str,
+    prefix: &str,
+    n: usize,
+) -> Vec<User> {
     let mut users = Vec::with_capacity(n);
     for i in 0..n {
-        let mut user = User::anonymous(format!("user{i}"));
+        let mut user = User::anonymous(format!("{prefix}{i}"));
         login(http, base, &mut user).await;
         users.push(user);
     }
@@ -202,6 +212,7 @@ impl Default for LoadBounds {
 
 /// One request of the load.
 #[derive(Debug, Clone, Copy)]
+#[allow(dead_code)] // `user` shows in failure messages.
 pub(crate) struct Sample {
     /// When it was sent, since the scenario's start.
     pub(crate) at: Duration,
@@ -318,8 +329,15 @@ pub(crate) async fn counter_load(
                     let base = &bases[(i + n) % bases.len()];
                     n += 1;
                     let sent = Instant::now();
-                    let result =
-                        send(&http, base, "POST", "/counter", user.cookie.as_deref(), None).await;
+                    let result = send(
+                        &http,
+                        base,
+                        "POST",
+                        "/counter",
+                        user.cookie.as_deref(),
+                        None,
+                    )
+                    .await;
                     let latency = sent.elapsed();
                     let status = result.as_ref().map_or(0, |a| a.status);
                     samples.push(Sample {
@@ -383,6 +401,7 @@ pub(crate) async fn counter_load(
 
 /// One answer of `/health`.
 #[derive(Debug, Clone)]
+#[allow(dead_code)] // `status` shows in failure messages.
 pub(crate) struct HealthSample {
     pub(crate) at: Duration,
     /// `None` when `/health` did not answer.
@@ -487,8 +506,10 @@ impl Monitor {
 
     pub(crate) async fn finish(self) -> Vec<HealthSample> {
         self.stop.stop();
+        let samples = self.samples.clone();
         let _ = self.task.await;
-        self.samples()
+        let samples = samples.lock().unwrap().clone();
+        samples
     }
 }
 

@@ -69,9 +69,7 @@ async fn unavailable(scenario: &'static str, outage: Outage) {
         Outage::ProxyRefuses => rig.proxy.heal(),
     }
     let healed_at = t0.elapsed();
-    let recovered_at = monitor
-        .wait_for(healed_at, RECOVERY_BOUND, settled)
-        .await;
+    let recovered_at = monitor.wait_for(healed_at, RECOVERY_BOUND, settled).await;
     // A little more load on the recovered server, then stop.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.stop();

@@ -31,11 +31,12 @@ pub(crate) fn startup_backoff(first: Duration, retries: usize) -> impl Iterator<
         .build()
 }
 
-/// Backoff once start-up retries are spent: keeps trying, at most every 30 s.
+/// Backoff once start-up retries are spent: keeps trying, at most every 10 s
+/// (a degraded store should notice a returning database soon).
 pub(crate) fn background_backoff(first: Duration) -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(first)
-        .with_max_delay(Duration::from_secs(30))
+        .with_max_delay(Duration::from_secs(10))
         .with_jitter()
         .without_max_times()
         .build()

@@ -27,7 +27,7 @@ impl Store {
     pub(super) async fn initialize_in_background(self) {
         let config = &self.inner.config;
         let delays = retry::startup_backoff(config.startup_backoff(), config.startup_retries())
-            .chain(retry::background_backoff(config.startup_backoff() * 8));
+            .chain(retry::background_backoff(config.startup_backoff() * 2));
         let total = config.startup_retries() + 1;
         let mut attempt = 0;
         for delay in std::iter::once(Duration::ZERO).chain(delays) {

@@ -23,3 +23,9 @@ mod batching;
 mod security;
 // TLS to the database: verification under each sslmode, the insecure opt-in.
 mod tls;
+// Behind PgBouncer in transaction mode: configured or detected, every
+// operation, table creation, and pruners that never run at once.
+mod pooler;
+// Several hosts with target_session_attrs=read-write: the primary found,
+// a write on a read-only server, the new primary found after a failover.
+mod failover;

@@ -158,8 +158,22 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn dashboard() -> Html<&'static str> {
-    Html(include_str!("dashboard.html"))
+/// The dashboard: one self-contained page (its script and styles inline),
+/// which may only talk to this server.
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+                 frame-ancestors 'none'",
+            ),
+        ],
+        Html(include_str!("dashboard.html")),
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {

@@ -1,0 +1,230 @@
+//! `pgsession doctor` as a process: a good database (exit 0, every step
+//! ok), a stopped one (exit 1, the TCP step fails with its hint), and one
+//! slow to accept connections behind the fault proxy (fails with the
+//! connect-timeout hint under a short connect timeout, passes under a long
+//! one and shows the slow step's time); and one behind PgBouncer.
+
+use std::time::Duration;
+
+use pgsession_testkit::{FaultProxy, TestDb};
+
+use crate::common::{run, test_db};
+
+/// `pgsession ARGS` with `env`, off the runtime's threads, so that the
+/// fault proxy (which runs on this test's runtime) keeps forwarding.
+async fn run_off_runtime(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run(&args, &env)
+    })
+    .await
+    .expect("run pgsession")
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The report line of `step`: `  <verdict>  <step>  <time>  <detail>`.
+fn line<'a>(report: &'a str, step: &str) -> &'a str {
+    report
+        .lines()
+        .find(|l| l.get(8..).is_some_and(|rest| rest.starts_with(step)))
+        .unwrap_or_else(|| panic!("no {step:?} line in\n{report}"))
+}
+
+fn verdict(line: &str) -> &str {
+    line.split_whitespace().next().unwrap_or_default()
+}
+
+/// The hint printed under the line of `step`.
+fn hint<'a>(report: &'a str, step: &str) -> &'a str {
+    let mut lines = report
+        .lines()
+        .skip_while(|l| !l.get(8..).is_some_and(|r| r.starts_with(step)));
+    lines.next();
+    lines
+        .next()
+        .filter(|l| l.contains("hint: "))
+        .unwrap_or_else(|| panic!("no hint under {step:?} in\n{report}"))
+}
+
+/// The time printed on a step's line, in seconds.
+fn seconds(line: &str) -> f64 {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    for pair in words.windows(2) {
+        if let Ok(n) = pair[0].parse::<f64>() {
+            match pair[1] {
+                "ms" => return n / 1000.0,
+                "s" => return n,
+                _ => {}
+            }
+        }
+    }
+    panic!("no time on {line:?}")
+}
+
+const STEPS: [&str; 10] = [
+    "URL parsed",
+    "name resolved",
+    "TCP connected",
+    "TLS negotiated",
+    "authenticated",
+    "server version",
+    "first query",
+    "table and index",
+    "sessions",
+    "pool settings",
+];
+
+#[tokio::test]
+async fn a_good_database_passes_every_step() {
+    let db = test_db().await;
+    let migrated = run(&["migrate"], &[("DATABASE_URL", db.url())]);
+    assert_eq!(migrated.status.code(), Some(0));
+    // A password in the URL never shows.
+    let url = db
+        .url()
+        .replacen("postgres://postgres@", "postgres://postgres:sw0rdfish@", 1);
+    let out = run(&["doctor"], &[("DATABASE_URL", &url)]);
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    for step in STEPS {
+        assert_eq!(verdict(line(&report, step)), "ok", "{step}:\n{report}");
+    }
+    assert!(!report.contains("sw0rdfish"), "{report}");
+    assert!(report.contains("postgres:****@"), "{report}");
+    assert!(report.contains("mode: direct connection"), "{report}");
+    assert!(report.contains("result: ok: 10 checks passed"), "{report}");
+    let pool = line(&report, "pool settings");
+    assert!(
+        pool.contains("TimeZone UTC") && pool.contains("statement_timeout 30s"),
+        "{pool}"
+    );
+    assert!(
+        line(&report, "server version").contains("PostgreSQL"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_database_fails_at_tcp_with_a_hint() {
+    let db = TestDb::throwaway()
+        .await
+        .unwrap_or_else(|e| panic!("no throwaway PostgreSQL: {e}"));
+    db.cluster()
+        .unwrap()
+        .stop()
+        .await
+        .expect("stop the cluster");
+    let out = run(&["doctor"], &[("DATABASE_URL", db.url())]);
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert_eq!(verdict(line(&report, "URL parsed")), "ok", "{report}");
+    assert_eq!(verdict(line(&report, "TCP connected")), "FAIL", "{report}");
+    let why = hint(&report, "TCP connected");
+    assert!(
+        why.contains("connection refused") && why.contains("stopped"),
+        "{why}"
+    );
+    for step in &STEPS[3..] {
+        assert_eq!(verdict(line(&report, step)), "skip", "{step}:\n{report}");
+    }
+    assert!(
+        report.contains("result: FAILED: 1 of 3 checks failed"),
+        "{report}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("error: doctor: 1 check failed"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_database_slow_to_connect_needs_a_longer_connect_timeout() {
+    let db = TestDb::throwaway()
+        .await
+        .unwrap_or_else(|e| panic!("no throwaway PostgreSQL: {e}"));
+    run(&["migrate"], &[("DATABASE_URL", db.url())]);
+    let proxy = FaultProxy::start(db.cluster().unwrap().socket_addr())
+        .await
+        .expect("fault proxy");
+    proxy.delay_connect(Duration::from_secs(3));
+    let url = proxy.url_for(db.name());
+
+    // Too short: the connecting step fails with the connect-timeout hint.
+    let out = run_off_runtime(
+        &["doctor"],
+        &[("DATABASE_URL", &url), ("PGSESSION_CONNECT_TIMEOUT", "1s")],
+    )
+    .await;
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert_eq!(verdict(line(&report, "TCP connected")), "ok", "{report}");
+    let failed = ["TLS negotiated", "authenticated"]
+        .into_iter()
+        .find(|step| verdict(line(&report, step)) == "FAIL")
+        .unwrap_or_else(|| panic!("neither TLS nor login failed:\n{report}"));
+    let took = seconds(line(&report, failed));
+    assert!(
+        (0.9..2.5).contains(&took),
+        "{failed} took {took} s:\n{report}"
+    );
+    let why = hint(&report, failed);
+    assert!(
+        why.contains("PGSESSION_CONNECT_TIMEOUT")
+            && why.contains("now 1s")
+            && why.contains("cold start"),
+        "{why}"
+    );
+
+    // Long enough: every step passes; the slow one shows its time.
+    let out = run_off_runtime(
+        &["doctor"],
+        &[("DATABASE_URL", &url), ("PGSESSION_CONNECT_TIMEOUT", "10s")],
+    )
+    .await;
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    for step in STEPS {
+        let verdict = verdict(line(&report, step));
+        assert!(
+            verdict == "ok" || verdict == "warn",
+            "{step}: {verdict}\n{report}"
+        );
+    }
+    let slow = STEPS
+        .into_iter()
+        .map(|step| (step, seconds(line(&report, step))))
+        .find(|(_, s)| *s >= 2.9)
+        .unwrap_or_else(|| panic!("no step shows the 3 s wait:\n{report}"));
+    assert_eq!(verdict(line(&report, slow.0)), "warn", "{report}");
+    assert!(hint(&report, slow.0).contains("slow"), "{report}");
+}
+
+/// Behind PgBouncer (transaction mode), the report says so, and why the
+/// statement timeout is the client's only.
+#[tokio::test]
+async fn behind_pgbouncer_the_mode_says_pooler() {
+    let db = TestDb::throwaway()
+        .await
+        .unwrap_or_else(|e| panic!("no throwaway PostgreSQL: {e}"));
+    run_off_runtime(&["migrate"], &[("DATABASE_URL", db.url())]).await;
+    let bouncer = pgsession_testkit::PgBouncer::start(db.cluster().unwrap().socket_addr())
+        .await
+        .unwrap_or_else(|e| panic!("no PgBouncer: {e}"));
+    let out = run_off_runtime(&["doctor"], &[("DATABASE_URL", &bouncer.url(db.name()))]).await;
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(report.contains("mode: behind a pooler"), "{report}");
+    assert!(report.contains("PGSESSION_POOLER=transaction"), "{report}");
+    assert_eq!(verdict(line(&report, "pool settings")), "warn", "{report}");
+    assert!(
+        hint(&report, "pool settings").contains("PGSESSION_QUERY_TIMEOUT"),
+        "{report}"
+    );
+}

@@ -382,25 +382,15 @@ impl Args for StoreArgs {
     }
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h`, `1d` or a bare number of seconds, as
-/// the library does for its own durations.
+/// Parses `500ms`, `30s`, `5m`, `1h`, `1d` or a bare number of seconds,
+/// with the library's own parser.
 pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let bad = || format!("expected a duration such as 500ms, 10s, 1m, got {value:?}");
-    let split = value
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let number: f64 = number.parse().map_err(|_| bad())?;
-    let seconds = match unit.trim() {
-        "ms" => number / 1000.0,
-        "" | "s" => number,
-        "m" | "min" => number * 60.0,
-        "h" => number * 3600.0,
-        "d" => number * 86_400.0,
-        _ => return Err(bad()),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| bad())
+    pgsession::config::parse_duration("duration", value).map_err(|_| {
+        format!(
+            "expected a duration such as 500ms, 10s, 1m, got {:?}",
+            value.trim()
+        )
+    })
 }
 
 /// Parses a command line; `--help`, `--version` and usage errors come back

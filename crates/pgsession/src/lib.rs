@@ -39,7 +39,7 @@ mod resilience;
 mod schema;
 mod sizing;
 mod store;
-mod tls;
+pub mod tls;
 #[cfg(feature = "tower-sessions")]
 pub mod tower_sessions;
 

@@ -35,15 +35,7 @@ pub(crate) fn connector(tls: &TlsConfig) -> Result<MakeRustlsConnect, ConfigErro
                 warn: tls.accept_invalid_certs,
             })
         } else {
-            let roots = Arc::new(root_store(tls)?);
-            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-                .build()
-                .map_err(|e| ConfigError::invalid("sslrootcert", e.to_string()))?;
-            if tls.mode == SslMode::VerifyCa {
-                Arc::new(IgnoreHostName(webpki))
-            } else {
-                webpki
-            }
+            certificate_verifier(tls)?
         };
 
     let mut config = builder
@@ -52,6 +44,24 @@ pub(crate) fn connector(tls: &TlsConfig) -> Result<MakeRustlsConnect, ConfigErro
         .with_no_client_auth();
     config.enable_sni = tls.sni;
     Ok(MakeRustlsConnect::new(config))
+}
+
+/// The check a certificate must pass under `tls`'s settings when it is
+/// verified: the chain to the trusted roots (`sslrootcert`, else the Mozilla
+/// roots), and the host name unless the mode is `verify-ca`. The pool uses
+/// it for `require`, `verify-ca` and `verify-full`; `pgsession doctor` uses
+/// it to say what verification would say under any mode.
+pub fn certificate_verifier(tls: &TlsConfig) -> Result<Arc<dyn ServerCertVerifier>, ConfigError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = Arc::new(root_store(tls)?);
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+        .build()
+        .map_err(|e| ConfigError::invalid("sslrootcert", e.to_string()))?;
+    Ok(if tls.mode == SslMode::VerifyCa {
+        Arc::new(IgnoreHostName(webpki))
+    } else {
+        webpki
+    })
 }
 
 fn root_store(tls: &TlsConfig) -> Result<RootCertStore, ConfigError> {

@@ -26,11 +26,9 @@ use std::time::{Duration, Instant};
 
 use pgsession::{Config, SslMode};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
@@ -1690,8 +1688,9 @@ fn tls_hint(e: &std::io::Error, mode: SslMode) -> String {
 #[derive(Debug)]
 struct RecordingVerifier {
     provider: Arc<CryptoProvider>,
-    webpki: Option<Arc<WebPkiServerVerifier>>,
-    mode: SslMode,
+    /// The library's own check for this mode; `None` when it could not be
+    /// built (a bad `sslrootcert`) and need not be (`prefer`).
+    strict: Option<Arc<dyn ServerCertVerifier>>,
     accept_any: bool,
     outcome: Mutex<Option<Result<(), String>>>,
 }
@@ -1700,47 +1699,15 @@ impl RecordingVerifier {
     fn new(tls: &pgsession::TlsConfig) -> Result<RecordingVerifier, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let accept_any = tls.accept_invalid_certs || tls.mode == SslMode::Prefer;
-        let roots = match &tls.root_cert {
-            Some(path) => {
-                let certs = CertificateDer::pem_file_iter(path)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| format!("sslrootcert {}: {e}", path.display()));
-                match certs {
-                    Ok(certs) => {
-                        let mut roots = RootCertStore::empty();
-                        let (added, _) = roots.add_parsable_certificates(certs);
-                        if added == 0 {
-                            Err(format!(
-                                "sslrootcert {}: no usable certificate",
-                                path.display()
-                            ))
-                        } else {
-                            Ok(roots)
-                        }
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            None => {
-                let mut roots = RootCertStore::empty();
-                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                Ok(roots)
-            }
-        };
-        let webpki = match roots {
-            Ok(roots) => Some(
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .map_err(|e| format!("sslrootcert: {e}"))?,
-            ),
+        let strict = match pgsession::tls::certificate_verifier(tls) {
+            Ok(verifier) => Some(verifier),
             // Prefer does not verify: a bad sslrootcert only matters when it must.
             Err(_) if accept_any => None,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.to_string()),
         };
         Ok(RecordingVerifier {
             provider,
-            webpki,
-            mode: tls.mode,
+            strict,
             accept_any,
             outcome: Mutex::new(None),
         })
@@ -1763,15 +1730,9 @@ impl ServerCertVerifier for RecordingVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = match &self.webpki {
-            Some(webpki) => {
-                match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
-                    Err(rustls::Error::InvalidCertificate(
-                        CertificateError::NotValidForName
-                        | CertificateError::NotValidForNameContext { .. },
-                    )) if self.mode == SslMode::VerifyCa => Ok(ServerCertVerified::assertion()),
-                    other => other,
-                }
+        let verified = match &self.strict {
+            Some(strict) => {
+                strict.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
             }
             None => Err(rustls::Error::General("no trusted roots".into())),
         };

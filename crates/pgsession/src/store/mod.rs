@@ -147,6 +147,11 @@ impl Store {
             max_journal: config.journal_max_entries(),
         });
         let batch_limit = config.pool_max_size();
+        // Fewer save batches at once make each one larger: a multi-row
+        // upsert costs little more than a single-row one (measured in
+        // BENCHMARKS.md: 1.35x pgbench at 32 callers with one batch per
+        // connection, 1.9x with half as many).
+        let save_batches = (config.pool_size() / 2).max(1);
         let store = Store {
             inner: Arc::new(Inner {
                 config,
@@ -156,7 +161,7 @@ impl Store {
                 breaker,
                 fallback,
                 loads: batch::Batcher::new(batch_limit),
-                saves: batch::Batcher::new(batch_limit),
+                saves: batch::Batcher::new(save_batches),
                 events: Events::default(),
                 claimed_spool: Mutex::new(Vec::new()),
                 shutdown: CancellationToken::new(),

@@ -188,7 +188,7 @@ impl Fallback {
     pub(crate) fn journal_if(
         &self,
         sid: &str,
-        write: Pending,
+        write: impl FnOnce() -> Pending,
         accept: impl FnOnce(bool) -> bool,
     ) -> Result<bool, JournalFull> {
         let mut inner = self.lock();
@@ -207,7 +207,9 @@ impl Fallback {
         if !pending && inner.journal.len() >= self.settings.max_journal {
             return Err(JournalFull);
         }
-        inner.record(sid, write, self.settings);
+        // Built only now: a write that goes to the database never copies
+        // its document into an entry.
+        inner.record(sid, write(), self.settings);
         Ok(true)
     }
 
@@ -369,7 +371,7 @@ mod tests {
         let always = |_| true;
         f.journal_if(
             "a",
-            Pending::Save {
+            || Pending::Save {
                 json: "1".into(),
                 expire: now(),
             },
@@ -378,7 +380,7 @@ mod tests {
         .unwrap();
         f.journal_if(
             "b",
-            Pending::Save {
+            || Pending::Save {
                 json: "x".into(),
                 expire: now(),
             },
@@ -386,10 +388,10 @@ mod tests {
         )
         .unwrap();
         let later = now() + time::Duration::HOUR;
-        f.journal_if("a", Pending::Touch { expire: later }, always)
+        f.journal_if("a", || Pending::Touch { expire: later }, always)
             .unwrap();
-        f.journal_if("b", Pending::Destroy, always).unwrap();
-        f.journal_if("b", Pending::Touch { expire: later }, always)
+        f.journal_if("b", || Pending::Destroy, always).unwrap();
+        f.journal_if("b", || Pending::Touch { expire: later }, always)
             .unwrap();
         assert_eq!(f.journal_len(), 2);
         assert_eq!(
@@ -424,7 +426,7 @@ mod tests {
         let f = fallback(10, 10_000);
         f.journal_if(
             "a",
-            Pending::Save {
+            || Pending::Save {
                 json: "1".into(),
                 expire: now(),
             },
@@ -434,7 +436,7 @@ mod tests {
         let (seq, sid, _) = f.oldest().unwrap();
         f.journal_if(
             "a",
-            Pending::Save {
+            || Pending::Save {
                 json: "2".into(),
                 expire: now(),
             },
@@ -453,10 +455,10 @@ mod tests {
     fn a_full_journal_refuses_new_sessions_but_takes_known_ones() {
         let f = fallback(10, 10_000);
         for sid in ["a", "b", "c"] {
-            f.journal_if(sid, Pending::Destroy, |_| true).unwrap();
+            f.journal_if(sid, || Pending::Destroy, |_| true).unwrap();
         }
-        assert!(f.journal_if("d", Pending::Destroy, |_| true).is_err());
-        assert!(f.journal_if("a", Pending::Destroy, |_| true).is_ok());
+        assert!(f.journal_if("d", || Pending::Destroy, |_| true).is_err());
+        assert!(f.journal_if("a", || Pending::Destroy, |_| true).is_ok());
     }
 
     #[test]
@@ -466,13 +468,16 @@ mod tests {
             "a",
             std::time::Instant::now() + std::time::Duration::from_secs(60),
         );
-        assert!(f.journal_if("a", Pending::Destroy, |known| known).unwrap());
+        assert!(f
+            .journal_if("a", || Pending::Destroy, |known| known)
+            .unwrap());
         f.mark_degraded(
             "b",
             std::time::Instant::now() - std::time::Duration::from_secs(1),
         );
         assert!(
-            !f.journal_if("b", Pending::Destroy, |known| known).unwrap(),
+            !f.journal_if("b", || Pending::Destroy, |known| known)
+                .unwrap(),
             "the mark has lapsed"
         );
     }
@@ -481,7 +486,7 @@ mod tests {
     fn accept_decides_under_the_lock() {
         let f = fallback(10, 10_000);
         assert!(!f
-            .journal_if("a", Pending::Destroy, |pending| pending)
+            .journal_if("a", || Pending::Destroy, |pending| pending)
             .unwrap());
         assert_eq!(f.journal_len(), 0);
     }

@@ -418,7 +418,7 @@ impl Store {
         let started = std::time::Instant::now();
         let breaker = &self.inner.breaker;
         let fallback = &self.inner.fallback;
-        let journaled = fallback.journal_if(sid, journal_entry(), |pending| {
+        let journaled = fallback.journal_if(sid, &journal_entry, |pending| {
             pending || !breaker.is_closed()
         });
         let (result, outcome) = match journaled {
@@ -427,7 +427,7 @@ impl Store {
             Ok(false) => match direct.await {
                 Ok(done) => (Ok(Some(done)), Outcome::Ok),
                 Err(e) if e.is_transient() => {
-                    match fallback.journal_if(sid, journal_entry(), |_| true) {
+                    match fallback.journal_if(sid, &journal_entry, |_| true) {
                         Ok(_) => (Ok(None), Outcome::Fallback),
                         Err(JournalFull) => (Err(e), Outcome::Error),
                     }

@@ -12,6 +12,22 @@ const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext($1))";
 const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext($1))";
 const TRY_XACT_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext($1))";
 
+/// Rows deleted and statements sent so far by one prune.
+#[derive(Debug, Default)]
+struct Tally {
+    deleted: u64,
+    batches: u64,
+}
+
+impl Tally {
+    fn outcome(&self) -> PruneOutcome {
+        PruneOutcome::Pruned {
+            deleted: self.deleted,
+            batches: self.batches,
+        }
+    }
+}
+
 /// What one prune did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PruneOutcome {
@@ -79,25 +95,14 @@ impl Store {
         let deadline = self.inner.config.query_timeout();
         let key = self.prune_lock_key();
         let lock: &Params = &[(&key, Type::TEXT)];
-        let locked: bool = bounded("prune", deadline, async {
-            Ok(conn.query_one(TRY_LOCK, lock).await?)
-        })
-        .await?
-        .get(0);
-        if !locked {
+        if !self.try_lock(conn, TRY_LOCK, lock).await? {
             return Ok(PruneOutcome::Skipped);
         }
-        let (mut deleted, mut batches) = (0, 0);
+        let mut tally = Tally::default();
         let deleting = loop {
             match self.prune_batch(conn).await {
-                Ok(n) => {
-                    deleted += n;
-                    batches += 1;
-                    progress(deleted);
-                    if n < self.batch_size() as u64 || self.inner.shutdown.is_cancelled() {
-                        break Ok(PruneOutcome::Pruned { deleted, batches });
-                    }
-                }
+                Ok(n) if self.counted(&mut tally, n, &mut progress) => break Ok(tally.outcome()),
+                Ok(_) => {}
                 Err(e) => break Err(e),
             }
         };
@@ -117,36 +122,46 @@ impl Store {
         conn: &Checkout,
         mut progress: impl FnMut(u64) + Send,
     ) -> Result<PruneOutcome, Error> {
-        let deadline = self.inner.config.query_timeout();
         let key = self.prune_lock_key();
         let lock: &Params = &[(&key, Type::TEXT)];
         let client = conn.client();
-        let (mut deleted, mut batches) = (0, 0);
+        let mut tally = Tally::default();
         loop {
             client.batch_execute("BEGIN").await?;
-            let locked: bool = bounded("prune", deadline, async {
-                Ok(conn.query_one(TRY_XACT_LOCK, lock).await?)
-            })
-            .await?
-            .get(0);
-            if !locked {
+            if !self.try_lock(conn, TRY_XACT_LOCK, lock).await? {
                 client.batch_execute("ROLLBACK").await?;
                 // Another instance took over (or held it from the start).
-                return Ok(if batches == 0 {
+                return Ok(if tally.batches == 0 {
                     PruneOutcome::Skipped
                 } else {
-                    PruneOutcome::Pruned { deleted, batches }
+                    tally.outcome()
                 });
             }
             let n = self.prune_batch(conn).await?;
             client.batch_execute("COMMIT").await?;
-            deleted += n;
-            batches += 1;
-            progress(deleted);
-            if n < self.batch_size() as u64 || self.inner.shutdown.is_cancelled() {
-                return Ok(PruneOutcome::Pruned { deleted, batches });
+            if self.counted(&mut tally, n, &mut progress) {
+                return Ok(tally.outcome());
             }
         }
+    }
+
+    /// `pg_try_advisory_lock` or `pg_try_advisory_xact_lock` on `lock`.
+    async fn try_lock(&self, conn: &Checkout, sql: &str, lock: &Params<'_>) -> Result<bool, Error> {
+        let deadline = self.inner.config.query_timeout();
+        Ok(bounded("prune", deadline, async {
+            Ok(conn.query_one(sql, lock).await?)
+        })
+        .await?
+        .get(0))
+    }
+
+    /// Counts a batch of `n` rows and reports progress; true when it was
+    /// the last (a short batch, or the store closing).
+    fn counted(&self, tally: &mut Tally, n: u64, progress: &mut impl FnMut(u64)) -> bool {
+        tally.deleted += n;
+        tally.batches += 1;
+        progress(tally.deleted);
+        n < self.batch_size() as u64 || self.inner.shutdown.is_cancelled()
     }
 
     async fn prune_batch(&self, conn: &Checkout) -> Result<u64, Error> {

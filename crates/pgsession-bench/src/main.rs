@@ -84,10 +84,8 @@ struct HttpArgs {
     /// machine with it).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
-    /// PostgreSQL server to use (a fresh database is created on it and
-    /// dropped at the end); without it, a throwaway cluster is started.
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: Option<String>,
+    #[command(flatten)]
+    database: DatabaseArgs,
     /// The `pgsession` binary. Default: target/release/pgsession, built
     /// first with `cargo build --release -p pgsession-cli`.
     #[arg(long)]
@@ -138,9 +136,22 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// A fresh database on `url`'s server, or in a throwaway cluster.
-async fn database(url: Option<&str>) -> anyhow::Result<TestDb> {
-    let db = match url.filter(|u| !u.trim().is_empty()) {
+/// Where the database of a benchmark lives.
+#[derive(Debug, clap::Args)]
+struct DatabaseArgs {
+    /// PostgreSQL server to use (a fresh database is created on it and
+    /// dropped at the end); without it, a throwaway cluster is started.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+/// A fresh database on the server of `args`, or in a throwaway cluster.
+async fn database(args: &DatabaseArgs) -> anyhow::Result<TestDb> {
+    let db = match args
+        .database_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+    {
         Some(url) => TestDb::on_server(url).await?,
         None => TestDb::throwaway().await?,
     };
@@ -157,7 +168,7 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
         Some(path) => path.clone(),
         None => build_pgsession()?,
     };
-    let db = database(args.database_url.as_deref()).await?;
+    let db = database(&args.database).await?;
     let logs = tempfile::Builder::new()
         .prefix("pgsession-bench-")
         .tempdir()?;

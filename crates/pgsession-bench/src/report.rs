@@ -128,7 +128,7 @@ pub(crate) fn http_table(rows: &[HttpRow]) -> String {
 }
 
 /// A store operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum StoreOp {
     /// `Store::load` / the SELECT.
     Load,

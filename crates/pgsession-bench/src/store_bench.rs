@@ -37,13 +37,14 @@ pub(crate) struct StoreArgs {
     /// Numbers of concurrent callers (and pgbench clients).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     concurrency: Vec<usize>,
+    /// Operations to measure.
+    #[arg(long, value_delimiter = ',', default_value = "load,save")]
+    ops: Vec<StoreOp>,
     /// Rows inserted before the runs.
     #[arg(long, default_value_t = 10_000)]
     rows: u32,
-    /// PostgreSQL server to use (a fresh database is created on it and
-    /// dropped at the end); without it, a throwaway cluster is started.
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: Option<String>,
+    #[command(flatten)]
+    database: crate::DatabaseArgs,
     /// The pgbench binary [default: `pg_config --bindir`/pgbench, else pgbench on PATH].
     #[arg(long)]
     pgbench: Option<PathBuf>,
@@ -51,7 +52,7 @@ pub(crate) struct StoreArgs {
 
 /// Runs every operation at every concurrency, Store and pgbench in turn.
 pub(crate) async fn run(args: StoreArgs) -> anyhow::Result<Vec<StoreRow>> {
-    let db = crate::database(args.database_url.as_deref()).await?;
+    let db = crate::database(&args.database).await?;
     let config = pgsession::Config::builder().url(db.url()).build()?;
     let store = pgsession::Store::new(config)?;
     store.ready().await.context("creating the session table")?;
@@ -72,7 +73,7 @@ pub(crate) async fn run(args: StoreArgs) -> anyhow::Result<Vec<StoreRow>> {
     let slice = Duration::from_secs(crate::slice_of(args.slice, args.duration).as_secs().max(1));
     let scripts = tempfile::tempdir()?;
     let mut rows = Vec::new();
-    for op in [StoreOp::Load, StoreOp::Save] {
+    for &op in &args.ops {
         let script = scripts.path().join(format!("{}.sql", op.name()));
         std::fs::write(&script, pgbench_script(op, args.rows))?;
         for &callers in &args.concurrency {

@@ -264,7 +264,13 @@ impl Fallback {
 impl Inner {
     fn put(&mut self, sid: &str, session: StoredSession, settings: FallbackSettings) {
         self.cache_bytes += cost(sid, &session);
-        if let Some(old) = self.cache.put(sid.to_owned(), session) {
+        // A session already cached (the common case: every save of an
+        // active one) is replaced in place, without a new key.
+        let old = match self.cache.get_mut(sid) {
+            Some(cached) => Some(std::mem::replace(cached, session)),
+            None => self.cache.put(sid.to_owned(), session),
+        };
+        if let Some(old) = old {
             self.cache_bytes -= cost(sid, &old);
         }
         while self.cache.len() > settings.max_entries || self.cache_bytes > settings.max_bytes {

@@ -2,10 +2,11 @@
 //!
 //! Callers queue their request; a caller that finds fewer than `limit`
 //! batches running becomes a runner, takes everything queued (its own
-//! request included) and runs it as one statement, then takes whatever
-//! queued meanwhile, until the queue is empty. With no contention a caller
-//! runs its request at once, alone: batching adds no latency, it only
-//! appears when there is a queue.
+//! request included), runs it as one statement and answers each request.
+//! Callers still queued when a runner ends are woken so that one of them
+//! runs the queue next. With no contention a caller runs its request at
+//! once, alone: batching adds no latency, it only appears when there is a
+//! queue.
 //!
 //! Written here rather than taken from a crate: the batching crates found
 //! run a timer-driven collector task, which adds latency to every call.
@@ -17,6 +18,9 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 type Reply<T> = oneshot::Sender<T>;
+
+/// A queued request, its caller's reply channel, and when it was queued.
+type Entry<R, T> = (R, Reply<T>, Instant);
 
 /// How a submitted request ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,24 +38,32 @@ pub(crate) enum Submitted<T> {
 pub(crate) struct Batcher<R, T> {
     limit: usize,
     state: Mutex<State<R, T>>,
-    /// Signalled whenever a runner gives its slot back.
+    /// Signalled whenever a runner gives its slot back; only callers whose
+    /// request is still queued listen.
     slot_freed: Notify,
 }
 
 #[derive(Debug)]
 struct State<R, T> {
-    queue: Vec<(R, Reply<T>)>,
+    queue: Vec<Entry<R, T>>,
     running: usize,
+    /// Requests queued so far; a request's ticket is its number.
+    queued: u64,
+    /// Tickets up to this one are in a batch: runners take the whole queue,
+    /// so the requests taken are always a prefix.
+    taken: u64,
 }
 
 impl<R, T> Batcher<R, T> {
-    /// At most `limit` batches run at once (the pool's size).
+    /// At most `limit` batches run at once.
     pub(crate) fn new(limit: usize) -> Batcher<R, T> {
         Batcher {
             limit: limit.max(1),
             state: Mutex::new(State {
                 queue: Vec::new(),
                 running: 0,
+                queued: 0,
+                taken: 0,
             }),
             slot_freed: Notify::new(),
         }
@@ -63,10 +75,12 @@ impl<R, T> Batcher<R, T> {
     }
 
     /// Queues `request` and returns its result. `run` executes one batch
-    /// and returns one result per request, in order. A caller waits for a
-    /// batch slot at most until `wait_until`; a runner runs one batch (its
-    /// own request's) and hands the queue on, so no caller is held to
-    /// serve others.
+    /// and returns one result per request, in order; it is also told when
+    /// the oldest request of the batch was queued, so that time spent
+    /// queueing counts against the batch's deadline. A caller waits for a
+    /// batch slot at most until `wait_until`; once its request is in a
+    /// batch, it waits for that batch's answer. A runner runs one batch
+    /// (its own request's) and returns: no caller is held to serve others.
     pub(crate) async fn submit<F, Fut>(
         &self,
         request: R,
@@ -74,49 +88,105 @@ impl<R, T> Batcher<R, T> {
         run: F,
     ) -> Submitted<T>
     where
-        F: Fn(Vec<R>) -> Fut,
+        F: Fn(Vec<R>, Instant) -> Fut,
         Fut: Future<Output = Vec<T>>,
     {
         let (reply, mut answer) = oneshot::channel();
-        self.lock().queue.push((request, reply));
+        let ticket = {
+            let mut state = self.lock();
+            state.queue.push((request, reply, Instant::now()));
+            state.queued += 1;
+            state.queued
+        };
+        let deadline = tokio::time::sleep_until(wait_until);
+        tokio::pin!(deadline);
         loop {
             let freed = self.slot_freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let batch = {
+            let (taken, claimed) = {
                 let mut state = self.lock();
-                // Requests whose callers gave up are not run.
-                state.queue.retain(|(_, reply)| !reply.is_closed());
-                if state.running < self.limit && !state.queue.is_empty() {
-                    state.running += 1;
-                    Some(std::mem::take(&mut state.queue))
-                } else {
-                    None
-                }
+                let taken = ticket <= state.taken;
+                let claimed = !taken && state.running < self.limit;
+                state.running += usize::from(claimed);
+                (taken, claimed)
             };
-            if let Some(batch) = batch {
+            if taken {
+                // Its runner answers, or drops the reply if it goes away.
+                return Self::answered(answer).await;
+            }
+            if claimed {
                 // Gives the slot back even if this future is dropped midway.
                 let _slot = Running(self);
-                let (requests, replies): (Vec<R>, Vec<Reply<T>>) = batch.into_iter().unzip();
-                let results = run(requests).await;
+                // Lets the callers already woken (those of the batch that
+                // just ended) queue first, so that they join this batch
+                // rather than each starting one of a single request. Alone,
+                // this task is polled again at once.
+                tokio::task::yield_now().await;
+                let Some(batch) = self.take_queue_with(ticket) else {
+                    // Another runner took this request meanwhile: the slot
+                    // goes back, and the answer comes from that batch.
+                    continue;
+                };
+                let oldest = batch.first().map_or_else(Instant::now, |entry| entry.2);
+                let (requests, replies): (Vec<R>, Vec<Reply<T>>) = batch
+                    .into_iter()
+                    .map(|(request, reply, _)| (request, reply))
+                    .unzip();
+                // Boxed: only runners need the batch's (large) future, so
+                // the waiting callers' futures stay small and cheap to move.
+                let results = Box::pin(run(requests, oldest)).await;
                 if results.len() == replies.len() {
                     for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(result);
                     }
                 }
-                continue; // the answer is in `answer` now (or the promise broke)
+                // This request was in the batch: answered, or the promise
+                // broke.
+                return answer
+                    .try_recv()
+                    .map_or(Submitted::RunAlone, Submitted::Done);
             }
             tokio::select! {
                 result = &mut answer => return result.map_or(Submitted::RunAlone, Submitted::Done),
                 () = &mut freed => {}
-                () = tokio::time::sleep_until(wait_until) => return Submitted::TimedOut,
+                () = &mut deadline => {
+                    let taken = {
+                        let state = self.lock();
+                        if ticket > state.taken {
+                            // Withdrawn under the lock: no runner takes it now.
+                            answer.close();
+                        }
+                        ticket <= state.taken
+                    };
+                    if taken {
+                        return Self::answered(answer).await;
+                    }
+                    return Submitted::TimedOut;
+                }
             }
         }
+    }
+
+    /// Everything queued, less the requests whose callers gave up, if the
+    /// request `ticket` is still among them; `None` if a runner took it.
+    fn take_queue_with(&self, ticket: u64) -> Option<Vec<Entry<R, T>>> {
+        let mut state = self.lock();
+        if ticket <= state.taken {
+            return None;
+        }
+        state.taken = state.queued;
+        state.queue.retain(|(_, reply, _)| !reply.is_closed());
+        Some(std::mem::take(&mut state.queue))
+    }
+
+    async fn answered(answer: oneshot::Receiver<T>) -> Submitted<T> {
+        answer.await.map_or(Submitted::RunAlone, Submitted::Done)
     }
 }
 
 /// Releases a runner's slot when the runner finishes or is dropped, and
-/// wakes the waiting callers so that one of them runs the queue.
+/// wakes the callers still queued so that one of them runs the queue.
 struct Running<'a, R, T>(&'a Batcher<R, T>);
 
 impl<R, T> Drop for Running<'_, R, T> {
@@ -144,7 +214,7 @@ mod tests {
         let (started, wait_started) = oneshot::channel();
         let started = Mutex::new(Some(started));
         let holder = tokio::spawn(async move {
-            busy.submit(1, far(), |batch: Vec<i32>| {
+            busy.submit(1, far(), |batch: Vec<i32>, _| {
                 if let Some(started) = started.lock().unwrap().take() {
                     let _ = started.send(());
                 }
@@ -159,7 +229,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(50);
         assert_eq!(
             batcher
-                .submit(2, deadline, |b: Vec<i32>| async move { b })
+                .submit(2, deadline, |b: Vec<i32>, _| async move { b })
                 .await,
             Submitted::TimedOut
         );
@@ -171,7 +241,7 @@ mod tests {
         let batcher = Batcher::new(2);
         let sizes = Mutex::new(Vec::new());
         let result = batcher
-            .submit(7, far(), |batch: Vec<i32>| {
+            .submit(7, far(), |batch: Vec<i32>, _| {
                 sizes.lock().unwrap().push(batch.len());
                 async move { batch.iter().map(|n| n * 2).collect() }
             })
@@ -188,7 +258,7 @@ mod tests {
             let (batcher, statements) = (batcher.clone(), statements.clone());
             tokio::spawn(async move {
                 batcher
-                    .submit(i, far(), |batch: Vec<i32>| {
+                    .submit(i, far(), |batch: Vec<i32>, _| {
                         statements.fetch_add(1, Ordering::SeqCst);
                         async move {
                             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -208,11 +278,55 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runner_returns_after_its_own_batch_and_leaves_the_queue_to_others() {
+        let batcher = Arc::new(Batcher::new(1));
+        let (first_started, wait_first_started) = oneshot::channel();
+        let (release_first, first_released) = oneshot::channel::<()>();
+        let first_hooks = Arc::new(Mutex::new(Some((first_started, first_released))));
+        let run = {
+            let first_hooks = first_hooks.clone();
+            move |batch: Vec<i32>, _| {
+                let hooks = first_hooks.lock().unwrap().take();
+                async move {
+                    if let Some((started, released)) = hooks {
+                        let _ = started.send(());
+                        let _ = released.await;
+                    } else {
+                        // Every later batch stalls: a runner held to run
+                        // one would never come back.
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                    batch
+                }
+            }
+        };
+        let first = tokio::spawn({
+            let (batcher, run) = (batcher.clone(), run.clone());
+            async move { batcher.submit(1, far(), run).await }
+        });
+        let _ = wait_first_started.await;
+        let queued = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.submit(2, far(), run).await }
+        });
+        // The second request is queued behind the running batch.
+        while batcher.lock().queue.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let _ = release_first.send(());
+        let first = tokio::time::timeout(Duration::from_secs(10), first)
+            .await
+            .expect("the first runner came back without running the queued batch");
+        assert_eq!(first.unwrap(), Submitted::Done(1));
+        queued.abort();
+    }
+
     #[tokio::test]
     async fn a_broken_promise_sends_the_caller_back_to_run_alone() {
         let batcher = Batcher::new(1);
         let result = batcher
-            .submit(1, far(), |_batch: Vec<i32>| async { Vec::<i32>::new() })
+            .submit(1, far(), |_batch: Vec<i32>, _| async { Vec::<i32>::new() })
             .await;
         assert_eq!(result, Submitted::RunAlone);
         assert_eq!(batcher.lock().running, 0, "the slot is given back");

@@ -75,19 +75,26 @@ impl Store {
         self.inner.config.query_timeout()
     }
 
+    /// What is left of the query timeout for a batch whose oldest request
+    /// was queued at `oldest`: a request waits no longer for being batched.
+    fn batch_deadline(&self, oldest: tokio::time::Instant) -> Duration {
+        self.deadline().saturating_sub(oldest.elapsed())
+    }
+
     /// A load, combined with concurrent ones when they queue.
     pub(super) async fn db_load(&self, sid: &str) -> Result<Option<StoredSession>, Error> {
         let batched = self
             .inner
             .loads
-            .submit(sid.to_owned(), self.slot_deadline(), |sids| {
-                self.load_batch(sids)
+            .submit(sid.to_owned(), self.slot_deadline(), |sids, oldest| {
+                self.load_batch(sids, self.batch_deadline(oldest))
             })
             .await;
         match batched {
             Submitted::Done(Some(result)) => result,
             Submitted::TimedOut => Err(Error::AcquireTimeout(self.inner.config.acquire_timeout())),
-            _ => self.db_load_with(sid, self.deadline(), false).await,
+            // Rare: boxed so that its future does not make every load's larger.
+            _ => Box::pin(self.db_load_with(sid, self.deadline(), false)).await,
         }
     }
 
@@ -96,13 +103,14 @@ impl Store {
     async fn load_batch(
         &self,
         sids: Vec<String>,
+        deadline: Duration,
     ) -> Vec<Option<Result<Option<StoredSession>, Error>>> {
         if let [sid] = sids.as_slice() {
-            return vec![Some(self.db_load_with(sid, self.deadline(), false).await)];
+            return vec![Some(self.db_load_with(sid, deadline, false).await)];
         }
         let sql = &self.inner.sql.load_many;
         let rows = self
-            .run_db("load", self.deadline(), false, |conn| {
+            .run_db("load", deadline, false, |conn| {
                 let sids = &sids;
                 async move {
                     let result =
@@ -130,8 +138,21 @@ impl Store {
                     .map(|sid| Some(Ok(found.get(sid).cloned())))
                     .collect()
             }
-            Err(e) => split(&sids, &e),
+            Err(e) => self.batch_failed(&sids, &e),
         }
+    }
+
+    /// The answers of a failed batch (see [`split`]). A transient failure
+    /// counts once per request towards the breaker, as the same requests
+    /// run one by one would (`run_db` counted one): batching must not keep
+    /// the breaker closed longer while the database is away.
+    fn batch_failed<T>(&self, sids: &[String], error: &Error) -> Vec<Option<Result<T, Error>>> {
+        if error.is_transient() && !matches!(error, Error::Unavailable) {
+            for _ in 1..sids.len() {
+                self.breaker_moved(self.inner.breaker.record_failure(Instant::now()));
+            }
+        }
+        split(sids, error)
     }
 
     async fn db_load_with(
@@ -187,17 +208,15 @@ impl Store {
         let batched = self
             .inner
             .saves
-            .submit(request, self.slot_deadline(), |batch| {
-                self.save_batch(batch)
+            .submit(request, self.slot_deadline(), |batch, oldest| {
+                self.save_batch(batch, self.batch_deadline(oldest))
             })
             .await;
         match batched {
             Submitted::Done(Some(result)) => result,
             Submitted::TimedOut => Err(Error::AcquireTimeout(self.inner.config.acquire_timeout())),
-            _ => {
-                self.db_save_with(sid, json, expire, self.deadline(), false)
-                    .await
-            }
+            // Rare: boxed so that its future does not make every save's larger.
+            _ => Box::pin(self.db_save_with(sid, json, expire, self.deadline(), false)).await,
         }
     }
 
@@ -207,26 +226,28 @@ impl Store {
     async fn save_batch(
         &self,
         batch: Vec<(String, String, OffsetDateTime)>,
+        deadline: Duration,
     ) -> Vec<Option<Result<(), Error>>> {
         if let [(sid, json, expire)] = batch.as_slice() {
             return vec![Some(
-                self.db_save_with(sid, json, *expire, self.deadline(), false)
-                    .await,
+                self.db_save_with(sid, json, *expire, deadline, false).await,
             )];
         }
         let mut last = std::collections::HashMap::new();
         for (i, (sid, _, _)) in batch.iter().enumerate() {
             last.insert(sid.as_str(), i);
         }
+        // In sid order: concurrent batches then lock their rows in the same
+        // order and cannot deadlock one another.
         let mut keep: Vec<usize> = last.into_values().collect();
-        keep.sort_unstable();
+        keep.sort_unstable_by(|&a, &b| batch[a].0.cmp(&batch[b].0));
         let sids: Vec<&str> = keep.iter().map(|&i| batch[i].0.as_str()).collect();
         let jsons: Vec<&str> = keep.iter().map(|&i| batch[i].1.as_str()).collect();
         let expires: Vec<PrimitiveDateTime> =
             keep.iter().map(|&i| to_timestamp(batch[i].2)).collect();
         let sql = &self.inner.sql.save_many;
         let saved = self
-            .run_db("save", self.deadline(), false, |conn| {
+            .run_db("save", deadline, false, |conn| {
                 let params: [(&(dyn ToSql + Sync), Type); 3] = [
                     (&sids, Type::TEXT_ARRAY),
                     (&jsons, Type::TEXT_ARRAY),
@@ -241,7 +262,7 @@ impl Store {
         let sids: Vec<String> = batch.into_iter().map(|(sid, _, _)| sid).collect();
         match saved {
             Ok(()) => sids.iter().map(|_| Some(Ok(()))).collect(),
-            Err(e) => split(&sids, &e),
+            Err(e) => self.batch_failed(&sids, &e),
         }
     }
 

@@ -61,9 +61,10 @@ async fn idle_connections_are_closed_down_to_the_warm_minimum() {
             .idle_timeout(Duration::from_millis(300)),
     )
     .await;
-    // Four concurrent operations open four connections.
-    let loads = (0..4).map(|_| store.load("sid"));
-    let busy = futures_util::future::join_all(loads.map(|f| async {
+    // Four concurrent operations open four connections. (Counts: concurrent
+    // loads would share one batched statement, and so one connection.)
+    let counts = (0..4).map(|_| store.count());
+    let busy = futures_util::future::join_all(counts.map(|f| async {
         tokio::time::sleep(Duration::from_millis(1)).await;
         f.await
     }));
@@ -179,11 +180,12 @@ async fn the_pool_grows_while_callers_wait_and_shrinks_when_idle() {
         .batch_execute("BEGIN; LOCK TABLE session_store IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    // Ten loads queue behind the lock: two hold connections, the rest wait.
-    let loads: Vec<_> = (0..10)
-        .map(|i| {
+    // Ten counts queue behind the lock: two hold connections, the rest wait.
+    // (Concurrent loads would share one batched statement and connection.)
+    let counts: Vec<_> = (0..10)
+        .map(|_| {
             let store = store.clone();
-            tokio::spawn(async move { store.load(&format!("sid{i}")).await })
+            tokio::spawn(async move { store.count().await })
         })
         .collect();
     wait_for("the pool to grow to its ceiling", async || {
@@ -191,10 +193,11 @@ async fn the_pool_grows_while_callers_wait_and_shrinks_when_idle() {
     })
     .await;
     locker.batch_execute("COMMIT").await.unwrap();
-    for load in loads {
-        load.await
+    for count in counts {
+        count
+            .await
             .unwrap()
-            .expect("every load completes once the lock is gone");
+            .expect("every count completes once the lock is gone");
     }
     wait_for("the pool to shrink back", async || {
         store.pool_status().max == 2

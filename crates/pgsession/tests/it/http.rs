@@ -103,10 +103,13 @@ async fn reads_of_an_unchanged_session_inside_the_touch_step_cost_one_select_eac
         .collect();
     assert_eq!(selects, READS, "{statements:#?}");
     assert!(writes.is_empty(), "reads must not write: {writes:#?}");
-    assert_eq!(
-        statements.len(),
-        READS,
-        "nothing else either: {statements:#?}"
-    );
+    // The store's background work (the pool's headroom check, health
+    // pings) may fall between the markers; the requests sent nothing else.
+    let background = ["current_setting('max_connections')", "SELECT 1"];
+    let others: Vec<_> = statements
+        .iter()
+        .filter(|s| !s.contains("SELECT sess") && !background.iter().any(|b| s.contains(b)))
+        .collect();
+    assert!(others.is_empty(), "nothing else either: {statements:#?}");
     store.close().await;
 }

@@ -114,26 +114,9 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// `10s`, `500ms`, `1m` or a number of seconds.
+/// `10s`, `500ms`, `1m` or a number of seconds, with the library's parser.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map_or((text, "s"), |at| text.split_at(at));
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 10s or 500ms"))?;
-    let seconds = match unit {
-        "ms" => value / 1e3,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {text:?} (use ms, s or m)"
-            ))
-        }
-    };
-    Ok(Duration::from_secs_f64(seconds))
+    pgsession::config::parse_duration("duration", text.trim()).map_err(|e| e.to_string())
 }
 
 /// Where the database of a benchmark lives.

@@ -18,6 +18,7 @@
 //! the `postgres` user through `runuser -u postgres --`, and the directory
 //! is handed to that user.
 
+use std::ffi::OsStr;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -281,26 +282,24 @@ impl EmbeddedPostgres {
     /// `initdb` or `pg_ctl` from the server's directory, as `postgres` when
     /// we are root.
     fn command(&self, program: &str) -> tokio::process::Command {
-        let path = self.bindir.join(program);
-        let mut command = if self.as_root {
-            let mut c = tokio::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            tokio::process::Command::new(path)
-        };
+        let mut command = self.as_server_user(self.bindir.join(program));
         command.current_dir(&self.dir);
-        command
+        command.into()
     }
 
     /// Any program, as the user that runs the server.
     fn command_for(&self, program: &str) -> tokio::process::Command {
+        self.as_server_user(program).into()
+    }
+
+    /// `program`, through `runuser -u postgres --` when we are root.
+    fn as_server_user(&self, program: impl AsRef<OsStr>) -> std::process::Command {
         if self.as_root {
-            let mut c = tokio::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--", program]);
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
             c
         } else {
-            tokio::process::Command::new(program)
+            std::process::Command::new(program)
         }
     }
 }
@@ -312,15 +311,8 @@ impl Drop for EmbeddedPostgres {
         if self.stopped || !self.started_here {
             return;
         }
-        let program = self.bindir.join("pg_ctl");
-        let mut command = if self.as_root {
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            std::process::Command::new(program)
-        };
-        let _ = command
+        let _ = self
+            .as_server_user(self.bindir.join("pg_ctl"))
             .args(["stop", "-w", "-t", PG_CTL_WAIT, "-m", "fast", "-D"])
             .arg(&self.data)
             .current_dir(&self.dir)

@@ -88,7 +88,7 @@ impl Template {
         real_bindir
             .into_iter()
             .chain(self.pg_ctl.parent().map(Path::to_owned))
-            .chain(pg_config_bindir())
+            .chain(std::iter::once_with(pg_config_bindir).flatten())
             .map(|dir| dir.join(name))
             .find(|path| path.is_file())
             .ok_or_else(|| TestkitError::Command {

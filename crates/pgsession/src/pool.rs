@@ -82,6 +82,15 @@ struct Shared {
     last_host: std::sync::atomic::AtomicUsize,
 }
 
+impl Shared {
+    /// Behind a pooler: no startup options, unnamed statements from now
+    /// on. True the first time, for the caller's warning.
+    fn go_unnamed(&self) -> bool {
+        self.startup_options.store(false, Ordering::Relaxed);
+        !self.pooled.swap(true, Ordering::Relaxed)
+    }
+}
+
 impl SessionPool {
     /// Builds the pool; opens nothing yet.
     pub(crate) fn new(config: &Config) -> Result<SessionPool, Error> {
@@ -189,8 +198,7 @@ impl SessionPool {
     pub(crate) fn mark_pooled(&self) {
         // A pooler that let the startup options through ignored them: the
         // statement timeout is the client's alone from now on.
-        self.shared.startup_options.store(false, Ordering::Relaxed);
-        if !self.shared.pooled.swap(true, Ordering::Relaxed) {
+        if self.shared.go_unnamed() {
             tracing::warn!(
                 target: "session_pool",
                 "a prepared statement vanished between statements: behind a transaction pooler; \
@@ -467,15 +475,12 @@ impl SessionConnector {
         let applied = client.simple_query(&query).await?.iter().any(|message| {
             matches!(message, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("on"))
         });
-        if !applied {
-            self.shared.startup_options.store(false, Ordering::Relaxed);
-            if !self.shared.pooled.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    target: "session_pool",
-                    "startup options were ignored (a pooler?); statement timeouts are now enforced \
-                     by the client only, and statements are sent unnamed"
-                );
-            }
+        if !applied && self.shared.go_unnamed() {
+            tracing::warn!(
+                target: "session_pool",
+                "startup options were ignored (a pooler?); statement timeouts are now enforced \
+                 by the client only, and statements are sent unnamed"
+            );
         }
         Ok(())
     }
@@ -496,8 +501,7 @@ impl SessionConnector {
                     return Ok((client, task));
                 }
                 Err(e) if refuses_startup_options(&e) => {
-                    self.shared.startup_options.store(false, Ordering::Relaxed);
-                    self.shared.pooled.store(true, Ordering::Relaxed);
+                    self.shared.go_unnamed();
                     tracing::warn!(
                         target: "session_pool",
                         "the server refused startup options (a pooler?); \

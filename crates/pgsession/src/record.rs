@@ -174,7 +174,27 @@ impl SessionRecord {
     /// Checks the serialized size against `limit_bytes` (usually
     /// [`DEFAULT_MAX_SESSION_BYTES`]) and returns the size.
     pub fn check_size(&self, limit_bytes: usize) -> Result<usize, RecordError> {
-        self.to_json_limited(limit_bytes).map(|json| json.len())
+        // Counted, not built: a session is measured on every insert.
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0 += bytes.len();
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut size = Count(0);
+        // Cannot fail, as in `to_json`.
+        let _ = serde_json::to_writer(&mut size, self);
+        if size.0 > limit_bytes {
+            return Err(RecordError::TooLarge {
+                size: size.0,
+                limit: limit_bytes,
+            });
+        }
+        Ok(size.0)
     }
 
     /// The `expire` column for this session, by connect-pg-simple's rule: the
@@ -194,22 +214,7 @@ impl SessionRecord {
         now: OffsetDateTime,
         default_lifetime: Duration,
     ) -> OffsetDateTime {
-        let base = match self.cookie.expires {
-            Some(expires) => expires,
-            None => now
-                .checked_add(default_lifetime)
-                .unwrap_or_else(|| clamp_datetime(default_lifetime.is_positive())),
-        };
-        let utc = base
-            .checked_to_offset(UtcOffset::UTC)
-            .unwrap_or_else(|| clamp_datetime(base.year() > 0));
-        if utc.nanosecond() == 0 {
-            utc
-        } else {
-            utc.truncate_to_second()
-                .checked_add(Duration::SECOND)
-                .unwrap_or(utc)
-        }
+        row_expire(self.cookie.expires, now, default_lifetime)
     }
 
     /// The application's value under `key`, if present and of type `T`.
@@ -647,6 +652,31 @@ fn json_type(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+/// [`SessionRecord::expire_for_row`] of a cookie whose `expires` is
+/// `expires`: for a caller that has the cookie but not a record.
+pub(crate) fn row_expire(
+    expires: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+    default_lifetime: Duration,
+) -> OffsetDateTime {
+    let base = match expires {
+        Some(expires) => expires,
+        None => now
+            .checked_add(default_lifetime)
+            .unwrap_or_else(|| clamp_datetime(default_lifetime.is_positive())),
+    };
+    let utc = base
+        .checked_to_offset(UtcOffset::UTC)
+        .unwrap_or_else(|| clamp_datetime(base.year() > 0));
+    if utc.nanosecond() == 0 {
+        utc
+    } else {
+        utc.truncate_to_second()
+            .checked_add(Duration::SECOND)
+            .unwrap_or(utc)
     }
 }
 

@@ -23,27 +23,42 @@ use crate::config::{ConfigError, SslMode, TlsConfig};
 
 /// Builds the connector for the pool from the TLS settings.
 pub(crate) fn connector(tls: &TlsConfig) -> Result<MakeRustlsConnect, ConfigError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::invalid("sslmode", e.to_string()))?;
-
     let verifier: Arc<dyn ServerCertVerifier> =
         if tls.accept_invalid_certs || tls.mode == SslMode::Prefer {
             Arc::new(AcceptAnyCertificate {
-                provider: provider.clone(),
+                signatures: HandshakeSignatures::default(),
                 warn: tls.accept_invalid_certs,
             })
         } else {
             certificate_verifier(tls)?
         };
+    Ok(MakeRustlsConnect::new(client_config(tls, verifier)?))
+}
 
-    let mut config = builder
+/// The client config of the pool's connections (ring, the safe default
+/// protocol versions, SNI as `tls` says), with `verifier` deciding about
+/// the server's certificate.
+///
+/// ```
+/// let tls = pgsession::TlsConfig::default();
+/// let verifier = pgsession::tls::certificate_verifier(&tls)?;
+/// let config = pgsession::tls::client_config(&tls, verifier)?;
+/// assert_eq!(config.enable_sni, tls.sni);
+/// # Ok::<(), pgsession::ConfigError>(())
+/// ```
+pub fn client_config(
+    tls: &TlsConfig,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<ClientConfig, ConfigError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::invalid("sslmode", e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.enable_sni = tls.sni;
-    Ok(MakeRustlsConnect::new(config))
+    Ok(config)
 }
 
 /// The check a certificate must pass under `tls`'s settings when it is
@@ -132,11 +147,65 @@ impl ServerCertVerifier for IgnoreHostName {
     }
 }
 
+/// The handshake signature checks of the crypto provider the pool uses
+/// (ring), for a certificate verifier that decides about the certificate
+/// itself but must still check that the server holds the certificate's key.
+///
+/// ```
+/// let signatures = pgsession::tls::HandshakeSignatures::default();
+/// assert!(!signatures.supported_schemes().is_empty());
+/// ```
+#[derive(Debug, Clone)]
+pub struct HandshakeSignatures(Arc<CryptoProvider>);
+
+impl Default for HandshakeSignatures {
+    fn default() -> Self {
+        HandshakeSignatures(Arc::new(rustls::crypto::ring::default_provider()))
+    }
+}
+
+impl HandshakeSignatures {
+    /// For [`ServerCertVerifier::verify_tls12_signature`].
+    pub fn verify_tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    /// For [`ServerCertVerifier::verify_tls13_signature`].
+    pub fn verify_tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    /// For [`ServerCertVerifier::supported_verify_schemes`].
+    pub fn supported_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// `prefer`, or the explicit insecure opt-in: any certificate is accepted,
 /// but the handshake signatures are still checked.
 #[derive(Debug)]
 struct AcceptAnyCertificate {
-    provider: Arc<CryptoProvider>,
+    signatures: HandshakeSignatures,
     /// Whether this is the operator's opt-in (warned about) rather than
     /// `sslmode=prefer`.
     warn: bool,
@@ -167,12 +236,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -181,17 +245,10 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_schemes()
     }
 }

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use pgsession::{Config, SslMode};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -35,6 +34,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
 use crate::args::{DoctorArgs, StoreArgs};
+use crate::cmd::table_name;
 
 /// The steps, in order.
 pub(crate) const URL: &str = "URL parsed";
@@ -268,12 +268,12 @@ pub(crate) async fn diagnose(args: &StoreArgs) -> Report {
         report.skip_rest();
         return report;
     }
-    let config = match args
-        .builder()
-        .map_err(|e| e.to_string())
-        .and_then(|b| b.build().map_err(|e| e.to_string()))
-    {
-        Ok(config) => config,
+    let built = args.builder().map_err(|e| e.to_string()).and_then(|b| {
+        let config = b.clone().build().map_err(|e| e.to_string())?;
+        Ok((b, config))
+    });
+    let (builder, config) = match built {
+        Ok(built) => built,
         Err(e) => {
             report.target = "(configuration refused)".to_owned();
             let about_the_url = ["`url`", "DATABASE_URL", "sslmode", "sslrootcert"]
@@ -307,7 +307,7 @@ pub(crate) async fn diagnose(args: &StoreArgs) -> Report {
         ),
     );
     let mut doctor = Doctor {
-        args: args.clone(),
+        builder,
         config,
         report,
         server_version: None,
@@ -321,7 +321,8 @@ pub(crate) async fn diagnose(args: &StoreArgs) -> Report {
 }
 
 struct Doctor {
-    args: StoreArgs,
+    /// The settings `config` was built from, for the pool step's own.
+    builder: pgsession::ConfigBuilder,
     config: Config,
     report: Report,
     server_version: Option<String>,
@@ -698,18 +699,8 @@ impl Doctor {
                 return Negotiated::Failed;
             }
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let client_config = match rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-        {
-            Ok(builder) => {
-                let mut c = builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(verifier.clone())
-                    .with_no_client_auth();
-                c.enable_sni = tls.sni;
-                c
-            }
+        let client_config = match pgsession::tls::client_config(&tls, verifier.clone()) {
+            Ok(config) => config,
             Err(e) => {
                 self.report.fail(
                     TLS,
@@ -839,9 +830,8 @@ impl Doctor {
     /// The version, a first query, and whether a pooler is in between.
     /// False when a step failed.
     async fn server(&mut self, client: &Client) -> bool {
-        let deadline = self.config.query_timeout();
         let started = Instant::now();
-        let version = tokio::time::timeout(deadline, async {
+        let version = async {
             let row = client
                 .query_one(
                     "SELECT current_setting('server_version'), \
@@ -854,10 +844,10 @@ impl Doctor {
                 row.get::<_, i32>(1),
                 row.get::<_, String>(2),
             ))
-        })
-        .await;
-        match version {
-            Ok(Ok((short, num, long))) => {
+        };
+        let late = |t: String| format!("no answer within the query timeout ({t})");
+        match self.query_step(VERSION, started, late, version).await {
+            Some((short, num, long)) => {
                 let platform = long
                     .split_once(" on ")
                     .map(|(_, p)| format!(" on {}", p.split(',').next().unwrap_or(p)))
@@ -876,45 +866,16 @@ impl Doctor {
                     self.timed_ok(VERSION, started.elapsed(), detail);
                 }
             }
-            Ok(Err(e)) => {
-                let (detail, hint) = query_error(&e);
-                self.report
-                    .fail(VERSION, Some(started.elapsed()), detail, hint);
-                return false;
-            }
-            Err(_) => {
-                self.report.fail(
-                    VERSION,
-                    Some(started.elapsed()),
-                    format!(
-                        "no answer within the query timeout ({})",
-                        humantime(deadline)
-                    ),
-                    query_timeout_hint(deadline),
-                );
-                return false;
-            }
+            None => return false,
         }
 
         let started = Instant::now();
-        match tokio::time::timeout(deadline, client.simple_query("SELECT 1")).await {
-            Ok(Ok(_)) => self.timed_ok(QUERY, started.elapsed(), "SELECT 1: one round trip".into()),
-            Ok(Err(e)) => {
-                let (detail, hint) = query_error(&e);
-                self.report
-                    .fail(QUERY, Some(started.elapsed()), detail, hint);
-                return false;
-            }
-            Err(_) => {
-                self.report.fail(
-                    QUERY,
-                    Some(started.elapsed()),
-                    format!("SELECT 1: no answer within {}", humantime(deadline)),
-                    query_timeout_hint(deadline),
-                );
-                return false;
-            }
-        }
+        let late = |t: String| format!("SELECT 1: no answer within {t}");
+        let select = client.simple_query("SELECT 1");
+        let Some(_) = self.query_step(QUERY, started, late, select).await else {
+            return false;
+        };
+        self.timed_ok(QUERY, started.elapsed(), "SELECT 1: one round trip".into());
         self.report.mode = Some(self.detect_pooler(client).await);
         true
     }
@@ -966,7 +927,7 @@ impl Doctor {
         let started = Instant::now();
         let schema = self.config.schema().as_str().to_owned();
         let table = self.config.table().as_str().to_owned();
-        let qualified = format!("{}.{}", quote(&schema), quote(&table));
+        let qualified = table_name(&self.config);
         let found = async {
             let oid: Option<u32> = client
                 .query_opt(
@@ -1035,24 +996,9 @@ impl Doctor {
                 rights,
             })
         };
-        let found = match tokio::time::timeout(self.config.query_timeout(), found).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => {
-                let (detail, hint) = query_error(&e);
-                self.report
-                    .fail(TABLE, Some(started.elapsed()), detail, hint);
-                return false;
-            }
-            Err(_) => {
-                let t = self.config.query_timeout();
-                self.report.fail(
-                    TABLE,
-                    Some(started.elapsed()),
-                    format!("no answer within {}", humantime(t)),
-                    query_timeout_hint(t),
-                );
-                return false;
-            }
+        let late = |t: String| format!("no answer within {t}");
+        let Some(found) = self.query_step(TABLE, started, late, found).await else {
+            return false;
         };
         let took = started.elapsed();
         match found {
@@ -1072,7 +1018,7 @@ impl Doctor {
                     format!(
                         "this user may not create it in schema {schema}: run `pgsession migrate` \
                          as the owner, or GRANT CREATE ON SCHEMA {} TO the application's user",
-                        quote(&schema)
+                        self.config.schema().quoted()
                     )
                 };
                 if !elsewhere.is_empty() {
@@ -1178,65 +1124,81 @@ impl Doctor {
 
     async fn sessions(&mut self, client: &Client) {
         let started = Instant::now();
-        let qualified = format!(
-            "{}.{}",
-            quote(self.config.schema().as_str()),
-            quote(self.config.table().as_str())
-        );
+        let qualified = table_name(&self.config);
         let sql = format!(
             "SELECT count(*) FILTER (WHERE expire > (now() AT TIME ZONE 'UTC')), \
              count(*) FILTER (WHERE expire <= (now() AT TIME ZONE 'UTC')) FROM {qualified}"
         );
-        let t = self.config.query_timeout();
-        match tokio::time::timeout(t, client.query_one(&sql, &[])).await {
-            Ok(Ok(row)) => {
-                let (live, expired): (i64, i64) = (row.get(0), row.get(1));
-                let detail = format!("{live} live, {expired} expired");
-                let took = started.elapsed();
-                if expired > 1000 && expired > live {
-                    self.report.push(
-                        SESSIONS,
-                        Verdict::Warn,
-                        Some(took),
-                        detail,
-                        Some(format!(
-                            "expired sessions pile up: is a pruner running? `pgsession serve` \
-                             prunes every PGSESSION_PRUNE_INTERVAL (now {}); otherwise run \
-                             `pgsession prune` from cron",
-                            humantime(self.config.prune_interval())
-                        )),
-                    );
-                } else if live == 0 {
-                    self.report.push(
-                        SESSIONS,
-                        Verdict::Ok,
-                        Some(took),
-                        detail,
-                        Some(
-                            "no live session. If users are logged out at every request: a \
-                             cookie marked Secure is never sent back over plain HTTP \
-                             (PGSESSION_COOKIE_SECURE=auto or false when not behind HTTPS); the \
-                             application may use another table (PGSESSION_SCHEMA, \
-                             PGSESSION_TABLE); expire must be written in UTC (see TimeZone in \
-                             the pool settings)"
-                                .to_owned(),
-                        ),
-                    );
-                } else {
-                    self.timed_ok(SESSIONS, took, detail);
-                }
-            }
+        let late = |t: String| format!("counting did not finish within {t}");
+        let count = client.query_one(&sql, &[]);
+        let Some(row) = self.query_step(SESSIONS, started, late, count).await else {
+            return;
+        };
+        let (live, expired): (i64, i64) = (row.get(0), row.get(1));
+        let detail = format!("{live} live, {expired} expired");
+        let took = started.elapsed();
+        if expired > 1000 && expired > live {
+            self.report.push(
+                SESSIONS,
+                Verdict::Warn,
+                Some(took),
+                detail,
+                Some(format!(
+                    "expired sessions pile up: is a pruner running? `pgsession serve` \
+                     prunes every PGSESSION_PRUNE_INTERVAL (now {}); otherwise run \
+                     `pgsession prune` from cron",
+                    humantime(self.config.prune_interval())
+                )),
+            );
+        } else if live == 0 {
+            self.report.push(
+                SESSIONS,
+                Verdict::Ok,
+                Some(took),
+                detail,
+                Some(
+                    "no live session. If users are logged out at every request: a \
+                     cookie marked Secure is never sent back over plain HTTP \
+                     (PGSESSION_COOKIE_SECURE=auto or false when not behind HTTPS); the \
+                     application may use another table (PGSESSION_SCHEMA, \
+                     PGSESSION_TABLE); expire must be written in UTC (see TimeZone in \
+                     the pool settings)"
+                        .to_owned(),
+                ),
+            );
+        } else {
+            self.timed_ok(SESSIONS, took, detail);
+        }
+    }
+
+    /// Runs a query step within the query timeout; on failure reports it
+    /// under `name` (`late` gives the detail when the timeout passed, from
+    /// the timeout as the settings write it) and returns `None`.
+    async fn query_step<T>(
+        &mut self,
+        name: &'static str,
+        started: Instant,
+        late: impl FnOnce(String) -> String,
+        query: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Option<T> {
+        let timeout = self.config.query_timeout();
+        match tokio::time::timeout(timeout, query).await {
+            Ok(Ok(value)) => Some(value),
             Ok(Err(e)) => {
                 let (detail, hint) = query_error(&e);
                 self.report
-                    .fail(SESSIONS, Some(started.elapsed()), detail, hint);
+                    .fail(name, Some(started.elapsed()), detail, hint);
+                None
             }
-            Err(_) => self.report.fail(
-                SESSIONS,
-                Some(started.elapsed()),
-                format!("counting did not finish within {}", humantime(t)),
-                query_timeout_hint(t),
-            ),
+            Err(_) => {
+                self.report.fail(
+                    name,
+                    Some(started.elapsed()),
+                    late(humantime(timeout)),
+                    query_timeout_hint(timeout),
+                );
+                None
+            }
         }
     }
 
@@ -1250,15 +1212,11 @@ impl Doctor {
         // The same settings, but never create the table, never touch a
         // server's spool files.
         let config = self
-            .args
-            .builder()
-            .map_err(|e| e.to_string())
-            .and_then(|b| {
-                b.create_table(false)
-                    .spool_dir(&spool)
-                    .build()
-                    .map_err(|e| e.to_string())
-            });
+            .builder
+            .clone()
+            .create_table(false)
+            .spool_dir(&spool)
+            .build();
         let config = match config {
             Ok(config) => config,
             Err(e) => {
@@ -1479,10 +1437,6 @@ fn ssl_mode_name(mode: SslMode) -> &'static str {
     }
 }
 
-fn quote(identifier: &str) -> String {
-    format!("\"{}\"", identifier.replace('"', "\"\""))
-}
-
 /// `1s`, `500ms`, `2m`: as the settings are written.
 fn humantime(d: Duration) -> String {
     let ms = d.as_millis();
@@ -1501,23 +1455,10 @@ fn humantime(d: Duration) -> String {
     }
 }
 
-/// A duration as PostgreSQL shows one (`30s`, `1min`, `500ms`, `0`).
+/// A duration as PostgreSQL shows one (`30s`, `1min`, `500ms`, `0`), with
+/// the library's parser.
 fn parse_pg_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().ok()?;
-    let ms = match unit.trim() {
-        "" | "ms" => n,
-        "s" => n * 1000,
-        "min" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
-        _ => return None,
-    };
-    Some(Duration::from_millis(ms))
+    pgsession::config::parse_duration("statement_timeout", text.trim()).ok()
 }
 
 fn connect_timeout_hint(timeout: Duration) -> String {
@@ -1687,7 +1628,7 @@ fn tls_hint(e: &std::io::Error, mode: SslMode) -> String {
 /// have said.
 #[derive(Debug)]
 struct RecordingVerifier {
-    provider: Arc<CryptoProvider>,
+    signatures: pgsession::tls::HandshakeSignatures,
     /// The library's own check for this mode; `None` when it could not be
     /// built (a bad `sslrootcert`) and need not be (`prefer`).
     strict: Option<Arc<dyn ServerCertVerifier>>,
@@ -1697,7 +1638,6 @@ struct RecordingVerifier {
 
 impl RecordingVerifier {
     fn new(tls: &pgsession::TlsConfig) -> Result<RecordingVerifier, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let accept_any = tls.accept_invalid_certs || tls.mode == SslMode::Prefer;
         let strict = match pgsession::tls::certificate_verifier(tls) {
             Ok(verifier) => Some(verifier),
@@ -1706,7 +1646,7 @@ impl RecordingVerifier {
             Err(e) => return Err(e.to_string()),
         };
         Ok(RecordingVerifier {
-            provider,
+            signatures: Default::default(),
             strict,
             accept_any,
             outcome: Mutex::new(None),
@@ -1751,12 +1691,7 @@ impl ServerCertVerifier for RecordingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -1765,18 +1700,11 @@ impl ServerCertVerifier for RecordingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_schemes()
     }
 }
 

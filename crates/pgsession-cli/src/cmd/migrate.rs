@@ -16,7 +16,7 @@ pub(crate) async fn run(args: MigrateArgs) -> anyhow::Result<()> {
 }
 
 async fn migrate(store: &pgsession::Store) -> anyhow::Result<()> {
-    let table = table_name(store);
+    let table = table_name(store.config());
     println!("database: {}", store.config().target());
     wait_ready(store).await?;
     println!("table {table} and its index on expire are in place (created if they were missing)");

@@ -79,10 +79,6 @@ pub(crate) async fn wait_ready(store: &Store) -> anyhow::Result<()> {
 }
 
 /// `"schema"."table"`, as the store names its table.
-pub(crate) fn table_name(store: &Store) -> String {
-    format!(
-        "\"{}\".\"{}\"",
-        store.config().schema().as_str(),
-        store.config().table().as_str()
-    )
+pub(crate) fn table_name(config: &pgsession::Config) -> String {
+    format!("{}.{}", config.schema().quoted(), config.table().quoted())
 }

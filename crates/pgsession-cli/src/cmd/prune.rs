@@ -21,7 +21,7 @@ pub(crate) async fn run(args: PruneArgs) -> anyhow::Result<()> {
 
 async fn prune(store: &pgsession::Store) -> anyhow::Result<()> {
     wait_ready(store).await?;
-    let table = table_name(store);
+    let table = table_name(store.config());
     let expired = store.count_expired().await?;
     println!("{expired} expired sessions in {table}");
     let bar = (expired > PROGRESS_THRESHOLD).then(|| progress_bar(expired));

@@ -239,38 +239,32 @@ async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let stop_tasks = CancellationToken::new();
-    metrics::install();
+    health::mark_started();
     metrics::spawn_upkeep(stop_tasks.clone());
-    let (layer, state) = match backend {
+    let (layer, store, kind) = match backend {
         Backend::Postgres { store, embedded } => {
             store.spawn_pruner();
             let layer = pgsession::http::SessionLayer::new(store.clone(), secrets)
                 .with_lifetime(store.config().lifetime())
                 .with_max_session_bytes(store.config().max_session_bytes());
-            let layer = session_options(layer, args);
-            let state = AppState {
-                store: Some(store.clone()),
-                kind: if embedded.is_some() {
-                    StoreKind::Embedded
-                } else {
-                    StoreKind::Postgres
-                },
-                in_flight: Arc::default(),
+            let kind = if embedded.is_some() {
+                StoreKind::Embedded
+            } else {
+                StoreKind::Postgres
             };
-            (layer, state)
+            (layer, Some(store.clone()), kind)
         }
-        Backend::Memory(memory) => {
-            let layer = session_options(
-                pgsession::http::SessionLayer::new(memory.clone(), secrets),
-                args,
-            );
-            let state = AppState {
-                store: None,
-                kind: StoreKind::Memory,
-                in_flight: Arc::default(),
-            };
-            (layer, state)
-        }
+        Backend::Memory(memory) => (
+            pgsession::http::SessionLayer::new(memory.clone(), secrets),
+            None,
+            StoreKind::Memory,
+        ),
+    };
+    let layer = session_options(layer, args);
+    let state = AppState {
+        store,
+        kind,
+        in_flight: Arc::default(),
     };
     let in_flight = state.in_flight.clone();
     let app = routes::router(state, layer);

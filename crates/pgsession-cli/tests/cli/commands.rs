@@ -10,19 +10,36 @@ fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Asserts that `output`'s stdout contains `needle`, showing the whole of it if not.
+#[track_caller]
+fn assert_stdout_contains(output: &std::process::Output, needle: &str) {
+    let text = stdout(output);
+    assert!(text.contains(needle), "{text}");
+}
+
+/// Asserts that `output`'s stderr contains `needle`, showing the whole of it if not.
+#[track_caller]
+fn assert_stderr_contains(output: &std::process::Output, needle: &str) {
+    let text = stderr(output);
+    assert!(text.contains(needle), "{text}");
+}
+
+/// `pgsession migrate` on `db`, which must exit 0.
+#[track_caller]
+fn migrate(db: &pgsession_testkit::TestDb) -> std::process::Output {
+    let out = run(&["migrate"], &[("DATABASE_URL", db.url())]);
+    assert_eq!(out.status.code(), Some(0));
+    out
+}
+
 #[tokio::test]
 async fn migrate_creates_the_table_and_can_run_again() {
     let db = test_db().await;
     let exists = "SELECT to_regclass('public.session_store') IS NOT NULL";
     assert!(!scalar::<bool>(&db, exists).await);
 
-    let out = run(&["migrate"], &[("DATABASE_URL", db.url())]);
-    assert_eq!(out.status.code(), Some(0));
-    assert!(
-        stdout(&out).contains(r#""public"."session_store""#),
-        "{}",
-        stdout(&out)
-    );
+    let out = migrate(&db);
+    assert_stdout_contains(&out, r#""public"."session_store""#);
     assert!(scalar::<bool>(&db, exists).await);
     let index: bool = scalar(
         &db,
@@ -32,13 +49,8 @@ async fn migrate_creates_the_table_and_can_run_again() {
     .await;
     assert!(index, "no index on expire");
 
-    let out = run(&["migrate"], &[("DATABASE_URL", db.url())]);
-    assert_eq!(out.status.code(), Some(0));
-    assert!(
-        stdout(&out).contains("0 active, 0 expired"),
-        "{}",
-        stdout(&out)
-    );
+    let out = migrate(&db);
+    assert_stdout_contains(&out, "0 active, 0 expired");
 
     // Another schema and table, from flags.
     let out = run(
@@ -70,12 +82,8 @@ async fn migrate_fails_with_1_when_the_database_cannot_be_reached() {
         ],
     );
     assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
-    assert!(
-        err.contains("error: cannot reach the session database"),
-        "{err}"
-    );
-    assert!(err.contains("2 attempts"), "{err}");
+    assert_stderr_contains(&out, "error: cannot reach the session database");
+    assert_stderr_contains(&out, "2 attempts");
 }
 
 #[test]
@@ -99,11 +107,11 @@ fn usage_errors_exit_2_and_name_the_setting() {
         &[("DATABASE_URL", "postgres://localhost/x")],
     );
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("--idle-timeout"), "{}", stderr(&out));
+    assert_stderr_contains(&out, "--idle-timeout");
 
     let out = run(&["prune"], &[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("DATABASE_URL"), "{}", stderr(&out));
+    assert_stderr_contains(&out, "DATABASE_URL");
 
     let out = run(&["serve", "--cookie-secure", "sometimes"], &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -113,11 +121,7 @@ fn usage_errors_exit_2_and_name_the_setting() {
         &[("PGSESSION_SECRET", "a,,b"), ("PATH", "/nonexistent")],
     );
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("PGSESSION_SECRET"),
-        "{}",
-        stderr(&out)
-    );
+    assert_stderr_contains(&out, "PGSESSION_SECRET");
 
     let out = run(&["frobnicate"], &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -143,8 +147,7 @@ fn usage_errors_exit_2_and_name_the_setting() {
 #[tokio::test]
 async fn prune_deletes_expired_rows_and_says_how_many() {
     let db = test_db().await;
-    let out = run(&["migrate"], &[("DATABASE_URL", db.url())]);
-    assert_eq!(out.status.code(), Some(0));
+    migrate(&db);
     let client = db.client().await.unwrap();
     client
         .batch_execute(
@@ -166,23 +169,15 @@ async fn prune_deletes_expired_rows_and_says_how_many() {
         ],
     );
     assert_eq!(out.status.code(), Some(0));
-    let text = stdout(&out);
-    assert!(text.contains("25 expired sessions"), "{text}");
-    assert!(
-        text.contains("deleted 25 expired sessions in 3 batches"),
-        "{text}"
-    );
+    assert_stdout_contains(&out, "25 expired sessions");
+    assert_stdout_contains(&out, "deleted 25 expired sessions in 3 batches");
     assert_eq!(
         scalar::<i64>(&db, "SELECT count(*) FROM session_store").await,
         3
     );
 
     let out = run(&["prune"], &[("DATABASE_URL", db.url())]);
-    assert!(
-        stdout(&out).contains("deleted 0 expired sessions in 1 batch\n"),
-        "{}",
-        stdout(&out)
-    );
+    assert_stdout_contains(&out, "deleted 0 expired sessions in 1 batch\n");
 }
 
 #[tokio::test]
@@ -205,11 +200,7 @@ async fn prune_many_rows() {
         .unwrap();
     let out = run(&["prune"], &[("DATABASE_URL", db.url())]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(
-        stdout(&out).contains("deleted 12000 expired sessions in 13 batches"),
-        "{}",
-        stdout(&out)
-    );
+    assert_stdout_contains(&out, "deleted 12000 expired sessions in 13 batches");
     assert_eq!(
         scalar::<i64>(&db, "SELECT count(*) FROM session_store").await,
         0
@@ -235,9 +226,5 @@ async fn prune_says_when_another_instance_is_pruning() {
         .unwrap();
     let out = run(&["prune"], &[("DATABASE_URL", db.url())]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(
-        stdout(&out).contains("another instance is pruning"),
-        "{}",
-        stdout(&out)
-    );
+    assert_stdout_contains(&out, "another instance is pruning");
 }

@@ -9,8 +9,8 @@ use pgsession_testkit::PgBouncer;
 
 use crate::common::ServeProcess;
 use crate::support::{
-    base, breaker_not_closed, check_stored, counter_load, http, is_2xx, login_users, ms, settled,
-    tail, wait_settled, Figures, LoadBounds, Monitor, Rig, Stop,
+    base, breaker_not_closed, check_stored, http, is_2xx, login_users, ms, ms_after, settled,
+    spawn_counter_load, tail, wait_settled, Figures, Monitor, Rig,
 };
 
 const USERS: usize = 8;
@@ -34,17 +34,13 @@ async fn pgbouncer_restarted_under_load() {
 
     let t0 = Instant::now();
     let monitor = Monitor::start(&http, &base, t0);
-    let stop = Stop::default();
-    let load = {
-        let (http, bases, stop) = (http.clone(), vec![base.clone()], stop.clone());
-        tokio::spawn(async move {
-            let bounds = LoadBounds {
-                max_time: BEFORE + BETWEEN + DOWN + RECOVERY_BOUND + Duration::from_secs(10),
-                ..LoadBounds::default()
-            };
-            counter_load(&http, &bases, users, t0, stop, bounds).await
-        })
-    };
+    let (stop, load) = spawn_counter_load(
+        &http,
+        &base,
+        users,
+        t0,
+        BEFORE + BETWEEN + DOWN + RECOVERY_BOUND + Duration::from_secs(10),
+    );
 
     tokio::time::sleep_until((t0 + BEFORE).into()).await;
     let restart_at = t0.elapsed();
@@ -88,14 +84,8 @@ async fn pgbouncer_restarted_under_load() {
         .set("first_second_after_restart_2xx", restart_ok)
         .set("while_down_requests", down_requests)
         .set("while_down_2xx", down_ok)
-        .set(
-            "breaker_open_after_ms",
-            opened_at.map_or("never".into(), |at| ms(at - down_at).to_string()),
-        )
-        .set(
-            "recovery_ms",
-            recovered_at.map_or("never".into(), |at| ms(at - back_at).to_string()),
-        )
+        .set("breaker_open_after_ms", ms_after(opened_at, down_at))
+        .set("recovery_ms", ms_after(recovered_at, back_at))
         .set("journal_peak", journal_peak)
         .set("breaker_history", history)
         .set("settle_ms", ms(settle))

@@ -17,8 +17,8 @@ use pgsession_testkit::{FaultProxy, ReplicaPair, TestDb};
 
 use crate::common::ServeProcess;
 use crate::support::{
-    base, breaker_not_closed, check_stored, counter_load, http, is_2xx, login_users, ms, settled,
-    tail, wait_settled, Figures, LoadBounds, Monitor, Stop,
+    base, breaker_not_closed, check_stored, http, is_2xx, login_users, ms, settled,
+    spawn_counter_load, tail, wait_settled, Figures, Monitor,
 };
 
 const USERS: usize = 8;
@@ -87,17 +87,13 @@ async fn failover(scenario: &'static str, loss: Loss) {
 
     let t0 = Instant::now();
     let monitor = Monitor::start(&http, &base, t0);
-    let stop = Stop::default();
-    let load = {
-        let (http, bases, stop) = (http.clone(), vec![base.clone()], stop.clone());
-        tokio::spawn(async move {
-            let bounds = LoadBounds {
-                max_time: BEFORE + PROMOTE_AFTER + RECOVERY_BOUND + Duration::from_secs(10),
-                ..LoadBounds::default()
-            };
-            counter_load(&http, &bases, users, t0, stop, bounds).await
-        })
-    };
+    let (stop, load) = spawn_counter_load(
+        &http,
+        &base,
+        users,
+        t0,
+        BEFORE + PROMOTE_AFTER + RECOVERY_BOUND + Duration::from_secs(10),
+    );
 
     tokio::time::sleep_until((t0 + BEFORE).into()).await;
     let stop_at = t0.elapsed();

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::ServeProcess;
 use crate::support::{
-    base, breaker_not_closed, check_stored, counter_load, http, login_users, ms, settled,
-    wait_settled, Figures, LoadBounds, Monitor, Rig, Stop,
+    base, breaker_not_closed, check_stored, http, login_users, ms, ms_after, settled,
+    spawn_counter_load, wait_settled, Figures, Monitor, Rig,
 };
 
 const USERS: usize = 8;
@@ -26,17 +26,7 @@ async fn blackhole_20s() {
 
     let t0 = Instant::now();
     let monitor = Monitor::start(&http, &base, t0);
-    let stop = Stop::default();
-    let load = {
-        let (http, bases, stop) = (http.clone(), vec![base.clone()], stop.clone());
-        tokio::spawn(async move {
-            let bounds = LoadBounds {
-                max_time: Duration::from_secs(120),
-                ..LoadBounds::default()
-            };
-            counter_load(&http, &bases, users, t0, stop, bounds).await
-        })
-    };
+    let (stop, load) = spawn_counter_load(&http, &base, users, t0, Duration::from_secs(120));
     tokio::time::sleep_until((t0 + Duration::from_secs(3)).into()).await;
     let fault_at = t0.elapsed();
     rig.proxy.blackhole(true);
@@ -73,14 +63,8 @@ async fn blackhole_20s() {
         .load(&report)
         .set("over_query_timeout", over_timeout)
         .set("over_bound", over.len())
-        .set(
-            "breaker_open_after_ms",
-            opened_at.map_or("never".into(), |at| ms(at - fault_at).to_string()),
-        )
-        .set(
-            "recovery_ms",
-            recovered_at.map_or("never".into(), |at| ms(at - healed_at).to_string()),
-        )
+        .set("breaker_open_after_ms", ms_after(opened_at, fault_at))
+        .set("recovery_ms", ms_after(recovered_at, healed_at))
         .set("breaker_history", history)
         .set("settle_ms", ms(settle))
         .stored(&stored)

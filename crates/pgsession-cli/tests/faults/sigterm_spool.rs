@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::ServeProcess;
 use crate::support::{
-    base, check_stored, counter_load, health, http, login_users, ms, send, wait_settled, Figures,
-    LoadBounds, Rig, Stop,
+    base, check_stored, health, http, login_users, ms, send, spawn_counter_load, wait_settled,
+    Figures, Rig,
 };
 
 const USERS: usize = 8;
@@ -52,17 +52,7 @@ async fn sigterm_while_database_away_spools_and_next_start_writes_back() {
 
     // Load; the database goes away after 3 s; 5 s more of load.
     let t0 = Instant::now();
-    let stop = Stop::default();
-    let load = {
-        let (http, bases, stop) = (http.clone(), vec![base1.clone()], stop.clone());
-        tokio::spawn(async move {
-            let bounds = LoadBounds {
-                max_time: Duration::from_secs(30),
-                ..LoadBounds::default()
-            };
-            counter_load(&http, &bases, users, t0, stop, bounds).await
-        })
-    };
+    let (stop, load) = spawn_counter_load(&http, &base1, users, t0, Duration::from_secs(30));
     tokio::time::sleep_until((t0 + Duration::from_secs(3)).into()).await;
     let away_at = t0.elapsed();
     rig.cluster().stop().await.expect("stop the cluster");

@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use crate::common::{sid_of, ServeProcess};
-use crate::support::{base, check_stored, health, http, log_lines, ms, send, Figures, Rig, User};
+use crate::support::{
+    base, check_stored, health, http, log_lines, ms, ms_or_never, send, Figures, Rig, User,
+};
 
 /// How long the database stays away after the server started.
 const AWAY: Duration = Duration::from_secs(10);
@@ -101,10 +103,7 @@ async fn startup_while_database_away() {
         .set("write_while_away", a.status)
         .set("write_while_away_ms", away_write_ms)
         .set("away_s", AWAY.as_secs())
-        .set(
-            "health_ok_after_db_up_ms",
-            ok_after.map_or("never".into(), |d| ms(d).to_string()),
-        )
+        .set("health_ok_after_db_up_ms", ms_or_never(ok_after))
         .set("table", table.as_deref().unwrap_or("missing"))
         .set("readyz_after", readyz_up)
         .set("views_after", after.body.trim())

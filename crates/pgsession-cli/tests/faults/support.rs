@@ -399,6 +399,29 @@ pub(crate) async fn counter_load(
     report
 }
 
+/// [`counter_load`] on one server, spawned, bounded by `max_time` (the other bounds by default);
+/// returns the [`Stop`] that ends it and the task that yields its report.
+pub(crate) fn spawn_counter_load(
+    http: &reqwest::Client,
+    base: &str,
+    users: Vec<User>,
+    t0: Instant,
+    max_time: Duration,
+) -> (Stop, tokio::task::JoinHandle<LoadReport>) {
+    let stop = Stop::default();
+    let load = {
+        let (http, bases, stop) = (http.clone(), vec![base.to_owned()], stop.clone());
+        tokio::spawn(async move {
+            let bounds = LoadBounds {
+                max_time,
+                ..LoadBounds::default()
+            };
+            counter_load(&http, &bases, users, t0, stop, bounds).await
+        })
+    };
+    (stop, load)
+}
+
 /// One answer of `/health`.
 #[derive(Debug, Clone)]
 #[allow(dead_code)] // `status` shows in failure messages.
@@ -645,6 +668,16 @@ pub(crate) fn tail(text: &str, n: usize) -> String {
 /// Milliseconds, for the figures.
 pub(crate) fn ms(d: Duration) -> u128 {
     d.as_millis()
+}
+
+/// Milliseconds from `from` to `at`, or `never`, for the figures.
+pub(crate) fn ms_after(at: Option<Duration>, from: Duration) -> String {
+    ms_or_never(at.map(|at| at - from))
+}
+
+/// Milliseconds of `d`, or `never`, for the figures.
+pub(crate) fn ms_or_never(d: Option<Duration>) -> String {
+    d.map_or("never".to_owned(), |d| ms(d).to_string())
 }
 
 /// A scenario's figures: printed as one line `FIGURES <scenario> k=v ...`,

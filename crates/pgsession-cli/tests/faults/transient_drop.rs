@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::ServeProcess;
 use crate::support::{
-    base, breaker_not_closed, check_stored, counter_load, http, login_users, ms, wait_settled,
-    Figures, LoadBounds, Monitor, Rig, Stop,
+    base, breaker_not_closed, check_stored, http, login_users, ms, spawn_counter_load,
+    wait_settled, Figures, Monitor, Rig,
 };
 
 const USERS: usize = 8;
@@ -24,17 +24,7 @@ async fn transient_drop_five_resets() {
 
     let t0 = Instant::now();
     let monitor = Monitor::start(&http, &base, t0);
-    let stop = Stop::default();
-    let load = {
-        let (http, bases, stop) = (http.clone(), vec![base.clone()], stop.clone());
-        tokio::spawn(async move {
-            let bounds = LoadBounds {
-                max_time: LOAD + Duration::from_secs(5),
-                ..LoadBounds::default()
-            };
-            counter_load(&http, &bases, users, t0, stop, bounds).await
-        })
-    };
+    let (stop, load) = spawn_counter_load(&http, &base, users, t0, LOAD + Duration::from_secs(5));
     // Resets at 2, 6, 10, 14 and 18 s.
     let mut reset_at = Vec::new();
     for i in 0..RESETS {

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::ServeProcess;
 use crate::support::{
-    base, breaker_not_closed, check_stored, counter_load, http, login_users, ms, settled,
-    wait_settled, Figures, LoadBounds, Monitor, Rig, Stop,
+    base, breaker_not_closed, check_stored, http, login_users, ms, ms_or_never, settled,
+    spawn_counter_load, wait_settled, Figures, Monitor, Rig,
 };
 
 const USERS: usize = 8;
@@ -36,17 +36,13 @@ async fn unavailable(scenario: &'static str, outage: Outage) {
 
     let t0 = Instant::now();
     let monitor = Monitor::start(&http, &base, t0);
-    let stop = Stop::default();
-    let load = {
-        let (http, bases, stop) = (http.clone(), vec![base.clone()], stop.clone());
-        tokio::spawn(async move {
-            let bounds = LoadBounds {
-                max_time: BEFORE + OUTAGE + RECOVERY_BOUND + Duration::from_secs(10),
-                ..LoadBounds::default()
-            };
-            counter_load(&http, &bases, users, t0, stop, bounds).await
-        })
-    };
+    let (stop, load) = spawn_counter_load(
+        &http,
+        &base,
+        users,
+        t0,
+        BEFORE + OUTAGE + RECOVERY_BOUND + Duration::from_secs(10),
+    );
 
     tokio::time::sleep_until((t0 + BEFORE).into()).await;
     let fault_at = t0.elapsed();
@@ -100,14 +96,8 @@ async fn unavailable(scenario: &'static str, outage: Outage) {
         .load(&report)
         .set("during_outage_requests", during.len())
         .set("during_outage_2xx", during_ok)
-        .set(
-            "breaker_open_after_ms",
-            open_latency.map_or("never".into(), |d| ms(d).to_string()),
-        )
-        .set(
-            "recovery_ms",
-            recovery.map_or("never".into(), |d| ms(d).to_string()),
-        )
+        .set("breaker_open_after_ms", ms_or_never(open_latency))
+        .set("recovery_ms", ms_or_never(recovery))
         .set("journal_peak", journal_peak)
         .set("breaker_history", history)
         .set("settle_ms", ms(settle))

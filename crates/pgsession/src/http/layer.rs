@@ -34,8 +34,6 @@ pub(crate) struct Settings {
     pub(crate) path: String,
     pub(crate) domain: Option<String>,
     pub(crate) secure: CookieSecure,
-    pub(crate) secure_always: bool,
-    pub(crate) secure_auto: bool,
     pub(crate) http_only: bool,
     pub(crate) same_site: Option<SameSite>,
     pub(crate) max_age: Option<time::Duration>,
@@ -66,18 +64,10 @@ pub(crate) struct Settings {
 ///     .with_cookie_secure(CookieSecure::Auto);
 /// # Ok(()) }
 /// ```
+#[derive(Clone)]
 pub struct SessionLayer {
     backend: Arc<dyn DynBackend>,
     settings: Arc<Settings>,
-}
-
-impl Clone for SessionLayer {
-    fn clone(&self) -> Self {
-        SessionLayer {
-            backend: self.backend.clone(),
-            settings: self.settings.clone(),
-        }
-    }
 }
 
 impl std::fmt::Debug for SessionLayer {
@@ -99,8 +89,6 @@ impl SessionLayer {
                 path: "/".into(),
                 domain: None,
                 secure: CookieSecure::Always,
-                secure_always: true,
-                secure_auto: false,
                 http_only: true,
                 same_site: Some(SameSite::Lax),
                 max_age: None,
@@ -137,11 +125,7 @@ impl SessionLayer {
     }
     /// When the cookie is `Secure`. Default: [`CookieSecure::Always`].
     pub fn with_cookie_secure(self, secure: CookieSecure) -> Self {
-        self.with(|s| {
-            s.secure = secure;
-            s.secure_always = secure == CookieSecure::Always;
-            s.secure_auto = secure == CookieSecure::Auto;
-        })
+        self.with(|s| s.secure = secure)
     }
     /// `HttpOnly`. Default: true.
     pub fn with_http_only(self, http_only: bool) -> Self {

@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 
 use super::backend::DynBackend;
 use super::error::SessionError;
-use super::layer::Settings;
+use super::layer::{CookieSecure, Settings};
 use crate::cookie::{SessionId, SetCookie, Unsigned};
 use crate::record::{CookieData, SessionRecord};
 
@@ -229,7 +229,7 @@ impl Session {
         let modified = state.modified;
         let stored_expire = state.stored_expire;
         let record = state.record.as_mut().expect("checked above");
-        if settings.secure_auto {
+        if settings.secure == CookieSecure::Auto {
             record.cookie.secure = Some(self.shared.secure);
         }
 
@@ -254,7 +254,7 @@ impl Session {
             // than the touch step, so that a page view is not a write.
             let mut cookie = record.cookie.clone();
             cookie.reset_max_age(now);
-            let renewed = SessionRecord::new(cookie.clone()).expire_for_row(now, settings.lifetime);
+            let renewed = crate::record::row_expire(cookie.expires, now, settings.lifetime);
             let moves_by = stored_expire.map_or(time::Duration::MAX, |stored| renewed - stored);
             if moves_by > settings.touch_step {
                 backend.touch(id.as_str(), renewed).await?;
@@ -290,7 +290,7 @@ impl Settings {
             path: Some(self.path.clone()),
             domain: self.domain.clone(),
             http_only: Some(self.http_only),
-            secure: Some(self.secure_always),
+            secure: Some(self.secure == CookieSecure::Always),
             same_site: self.same_site.map(crate::record::SameSiteValue::Mode),
             ..CookieData::default()
         };

@@ -141,6 +141,17 @@ impl Fallback {
 
     /// What is known of `sid` without the database.
     pub(crate) fn lookup(&self, sid: &str, now: OffsetDateTime) -> Lookup {
+        self.lookup_with(sid, now, true)
+    }
+
+    /// What the journal knows of `sid`: [`Lookup::Miss`] unless it holds a
+    /// write. For a load that goes to the database anyway, which has no
+    /// use for (a copy of) the cached session.
+    pub(crate) fn lookup_pending(&self, sid: &str, now: OffsetDateTime) -> Lookup {
+        self.lookup_with(sid, now, false)
+    }
+
+    fn lookup_with(&self, sid: &str, now: OffsetDateTime, cache: bool) -> Lookup {
         let mut inner = self.lock();
         let live = |s: StoredSession| (s.expire >= now).then_some(s);
         match inner.journal.get(sid).map(|(_, p)| p.clone()) {
@@ -155,6 +166,7 @@ impl Fallback {
                 })),
                 None => Lookup::Miss,
             },
+            None if !cache => Lookup::Miss,
             None => match inner.cache.get(sid).cloned() {
                 Some(cached) if cached.expire >= now => Lookup::Cached(cached),
                 Some(_) => {

@@ -78,11 +78,19 @@ where
                 "transient error; retrying"
             );
         });
-    match tokio::time::timeout(deadline, retried).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::QueryTimeout {
+    bounded(op, deadline, retried).await
+}
+
+/// Bounds one step by `deadline`.
+pub(crate) async fn bounded<T>(
+    op: &'static str,
+    deadline: Duration,
+    step: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(deadline, step)
+        .await
+        .unwrap_or(Err(Error::QueryTimeout {
             op,
             after: deadline,
-        }),
-    }
+        }))
 }

@@ -256,9 +256,7 @@ impl Store {
                 self.inner
                     .events
                     .push("check_failed", format!("health check failed: {e}"));
-                if e.is_transient() {
-                    self.breaker_moved(self.inner.breaker.record_failure(Instant::now()));
-                }
+                self.count_failure(&e);
             }
             Ok(()) if slow => {
                 tracing::warn!(

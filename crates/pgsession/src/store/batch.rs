@@ -113,7 +113,7 @@ impl<R, T> Batcher<R, T> {
             };
             if taken {
                 // Its runner answers, or drops the reply if it goes away.
-                return Self::answered(answer).await;
+                return outcome(answer.await);
             }
             if claimed {
                 // Gives the slot back even if this future is dropped midway.
@@ -143,12 +143,10 @@ impl<R, T> Batcher<R, T> {
                 }
                 // This request was in the batch: answered, or the promise
                 // broke.
-                return answer
-                    .try_recv()
-                    .map_or(Submitted::RunAlone, Submitted::Done);
+                return outcome(answer.try_recv());
             }
             tokio::select! {
-                result = &mut answer => return result.map_or(Submitted::RunAlone, Submitted::Done),
+                result = &mut answer => return outcome(result),
                 () = &mut freed => {}
                 () = &mut deadline => {
                     let taken = {
@@ -160,7 +158,7 @@ impl<R, T> Batcher<R, T> {
                         ticket <= state.taken
                     };
                     if taken {
-                        return Self::answered(answer).await;
+                        return outcome(answer.await);
                     }
                     return Submitted::TimedOut;
                 }
@@ -179,10 +177,12 @@ impl<R, T> Batcher<R, T> {
         state.queue.retain(|(_, reply, _)| !reply.is_closed());
         Some(std::mem::take(&mut state.queue))
     }
+}
 
-    async fn answered(answer: oneshot::Receiver<T>) -> Submitted<T> {
-        answer.await.map_or(Submitted::RunAlone, Submitted::Done)
-    }
+/// A request's answer; none (its runner dropped the reply) sends the
+/// caller to run its request alone.
+fn outcome<T, E>(answer: Result<T, E>) -> Submitted<T> {
+    answer.map_or(Submitted::RunAlone, Submitted::Done)
 }
 
 /// Releases a runner's slot when the runner finishes or is dropped, and

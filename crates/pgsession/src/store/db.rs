@@ -10,7 +10,7 @@ use super::batch::Submitted;
 use super::{to_timestamp, Inner, Store, StoredSession};
 use crate::error::Error;
 use crate::pool::{Checkout, Params};
-use crate::resilience::retry;
+use crate::resilience::retry::{self, bounded};
 use tokio_postgres::types::{ToSql, Type};
 
 impl Store {
@@ -40,9 +40,7 @@ impl Store {
             if error.sql_state() == Some("26000") {
                 self.inner.pool.mark_pooled();
             }
-            if error.is_transient() && !matches!(error, Error::Unavailable) {
-                self.breaker_moved(breaker.record_failure(Instant::now()));
-            }
+            self.count_failure(error);
         };
         let result = retry::retry_within(op, deadline, on_error, || async {
             if !bypass_breaker && !breaker.is_closed() {
@@ -121,38 +119,74 @@ impl Store {
             .await;
         match rows {
             Ok(rows) => {
-                let found: std::collections::HashMap<String, StoredSession> = rows
+                // Each found session with the number of requests for it, so
+                // that only a session asked for twice is copied.
+                let mut found: std::collections::HashMap<String, (StoredSession, usize)> = rows
                     .into_iter()
                     .filter_map(|row| {
                         let json: Option<String> = row.get(1);
+                        let expire = row.get::<_, PrimitiveDateTime>(2).assume_utc();
                         Some((
                             row.get(0),
-                            StoredSession {
-                                json: json?,
-                                expire: row.get::<_, PrimitiveDateTime>(2).assume_utc(),
-                            },
+                            (
+                                StoredSession {
+                                    json: json?,
+                                    expire,
+                                },
+                                0,
+                            ),
                         ))
                     })
                     .collect();
+                for sid in &sids {
+                    if let Some((_, wanted)) = found.get_mut(sid) {
+                        *wanted += 1;
+                    }
+                }
                 sids.iter()
-                    .map(|sid| Some(Ok(found.get(sid).cloned())))
+                    .map(|sid| {
+                        let Some((_, wanted)) = found.get_mut(sid) else {
+                            return Some(Ok(None));
+                        };
+                        *wanted -= 1;
+                        let session = if *wanted == 0 {
+                            found.remove(sid).map(|(session, _)| session)
+                        } else {
+                            found.get(sid).map(|(session, _)| session.clone())
+                        };
+                        Some(Ok(session))
+                    })
                     .collect()
             }
-            Err(e) => self.batch_failed(&sids, &e),
+            Err(e) => self.batch_failed(sids.len(), &e),
         }
     }
 
-    /// The answers of a failed batch (see [`split`]). A transient failure
-    /// counts once per request towards the breaker, as the same requests
-    /// run one by one would (`run_db` counted one): batching must not keep
-    /// the breaker closed longer while the database is away.
-    fn batch_failed<T>(&self, sids: &[String], error: &Error) -> Vec<Option<Result<T, Error>>> {
+    /// Tells the breaker of a failure that says the database may be away
+    /// (a transient one, other than the breaker's own refusal).
+    pub(super) fn count_failure(&self, error: &Error) {
         if error.is_transient() && !matches!(error, Error::Unavailable) {
-            for _ in 1..sids.len() {
-                self.breaker_moved(self.inner.breaker.record_failure(Instant::now()));
-            }
+            self.breaker_moved(self.inner.breaker.record_failure(Instant::now()));
         }
-        split(sids, error)
+    }
+
+    /// The answers of a failed batch of `requests`. A transient failure is
+    /// every request's (retrying each alone would wait out the deadline
+    /// again), and counts once per request towards the breaker, as the same
+    /// requests run one by one would (`run_db` counted one): batching must
+    /// not keep the breaker closed longer while the database is away. A
+    /// permanent one may be one request's fault, so each runs alone to find
+    /// whose (`None`).
+    fn batch_failed<T>(&self, requests: usize, error: &Error) -> Vec<Option<Result<T, Error>>> {
+        if !error.is_transient() {
+            return (0..requests).map(|_| None).collect();
+        }
+        for _ in 1..requests {
+            self.count_failure(error);
+        }
+        (0..requests)
+            .map(|_| Some(Err(Error::Batched(error.to_string()))))
+            .collect()
     }
 
     async fn db_load_with(
@@ -233,14 +267,12 @@ impl Store {
                 self.db_save_with(sid, json, *expire, deadline, false).await,
             )];
         }
-        let mut last = std::collections::HashMap::new();
-        for (i, (sid, _, _)) in batch.iter().enumerate() {
-            last.insert(sid.as_str(), i);
-        }
-        // In sid order: concurrent batches then lock their rows in the same
-        // order and cannot deadlock one another.
-        let mut keep: Vec<usize> = last.into_values().collect();
-        keep.sort_unstable_by(|&a, &b| batch[a].0.cmp(&batch[b].0));
+        // In sid order, so that concurrent batches lock their rows in the
+        // same order and cannot deadlock one another; of several writes of
+        // one session, the last (sorted first among its equals) is kept.
+        let mut keep: Vec<usize> = (0..batch.len()).collect();
+        keep.sort_unstable_by(|&a, &b| batch[a].0.cmp(&batch[b].0).then(b.cmp(&a)));
+        keep.dedup_by(|later, kept| batch[*later].0 == batch[*kept].0);
         let sids: Vec<&str> = keep.iter().map(|&i| batch[i].0.as_str()).collect();
         let jsons: Vec<&str> = keep.iter().map(|&i| batch[i].1.as_str()).collect();
         let expires: Vec<PrimitiveDateTime> =
@@ -259,10 +291,9 @@ impl Store {
                 }
             })
             .await;
-        let sids: Vec<String> = batch.into_iter().map(|(sid, _, _)| sid).collect();
         match saved {
-            Ok(()) => sids.iter().map(|_| Some(Ok(()))).collect(),
-            Err(e) => self.batch_failed(&sids, &e),
+            Ok(()) => batch.iter().map(|_| Some(Ok(()))).collect(),
+            Err(e) => self.batch_failed(batch.len(), &e),
         }
     }
 
@@ -371,19 +402,6 @@ impl Store {
     }
 }
 
-/// The answers of a failed batch: a transient failure is every request's
-/// (retrying each alone would wait out the deadline again); a permanent one
-/// may be one request's fault, so each runs alone to find whose.
-fn split<T>(sids: &[String], error: &Error) -> Vec<Option<Result<T, Error>>> {
-    sids.iter()
-        .map(|_| {
-            error
-                .is_transient()
-                .then(|| Err(Error::Batched(error.to_string())))
-        })
-        .collect()
-}
-
 /// Creates the schema, table and index when missing, under an advisory
 /// transaction lock so that instances starting together do not collide.
 async fn create_schema(conn: &Checkout, inner: &Inner) -> Result<(), Error> {
@@ -441,18 +459,4 @@ async fn create_schema(conn: &Checkout, inner: &Inner) -> Result<(), Error> {
     }
     client.batch_execute("COMMIT").await?;
     Ok(())
-}
-
-/// Bounds one step by `deadline`.
-pub(super) async fn bounded<T>(
-    op: &'static str,
-    deadline: Duration,
-    step: impl std::future::Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    tokio::time::timeout(deadline, step)
-        .await
-        .unwrap_or(Err(Error::QueryTimeout {
-            op,
-            after: deadline,
-        }))
 }

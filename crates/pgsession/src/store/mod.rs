@@ -308,15 +308,23 @@ impl Store {
         let started = std::time::Instant::now();
         let now = OffsetDateTime::now_utc();
         let fallback = &self.inner.fallback;
-        let direct = match fallback.lookup(sid, now) {
+        // With the breaker closed only the journal matters: a cached copy
+        // is not served, so it is not copied either.
+        let closed = self.inner.breaker.is_closed();
+        let known = if closed {
+            fallback.lookup_pending(sid, now)
+        } else {
+            fallback.lookup(sid, now)
+        };
+        let direct = match known {
             Lookup::Pending(found) => Err(found),
-            Lookup::Cached(cached) if !self.inner.breaker.is_closed() => Err(Some(cached)),
-            _ if !self.inner.breaker.is_closed() => {
+            Lookup::Cached(cached) => Err(Some(cached)),
+            Lookup::Miss if !closed => {
                 let result = Err(Error::Unavailable);
                 record("load", started, &result, Outcome::Error);
                 return result;
             }
-            _ => Ok(()),
+            Lookup::Miss => Ok(()),
         };
         if let Err(found) = direct {
             let result = Ok(found);

@@ -3,10 +3,10 @@
 
 use tokio_postgres::types::Type;
 
-use super::db::bounded;
 use super::{record, Outcome, Store};
 use crate::error::Error;
 use crate::pool::{Checkout, Params};
+use crate::resilience::retry::bounded;
 
 const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext($1))";
 const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext($1))";

@@ -71,3 +71,28 @@ async fn queued_operations_share_statements_and_keep_their_own_results() {
     );
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_loaded_by_many_callers_at_once_reaches_each_of_them() {
+    let db = test_db().await;
+    // One connection: the concurrent loads queue and share statements.
+    let store = store_with(config(db.url()).pool_size(1).pool_max_size(1)).await;
+    store
+        .save("shared", r#"{"n":1}"#, in_secs(60))
+        .await
+        .unwrap();
+    let loads = (0..40).map(|i| {
+        let store = store.clone();
+        let sid = if i % 2 == 0 { "shared" } else { "missing" };
+        tokio::spawn(async move { (sid, store.load(sid).await) })
+    });
+    for load in loads.collect::<Vec<_>>() {
+        let (sid, loaded) = load.await.unwrap();
+        let loaded = loaded.expect("load succeeds");
+        match sid {
+            "shared" => assert_eq!(loaded.expect("saved session").json, r#"{"n":1}"#),
+            _ => assert!(loaded.is_none(), "{loaded:?}"),
+        }
+    }
+    store.close().await;
+}

@@ -28,12 +28,16 @@ static STARTED: OnceLock<(Instant, OffsetDateTime)> = OnceLock::new();
 
 /// Marks the start of the server; later calls change nothing.
 pub(crate) fn mark_started() {
-    STARTED.get_or_init(|| (Instant::now(), OffsetDateTime::now_utc()));
+    started();
+}
+
+/// When the server started: as marked, or now when it was not.
+fn started() -> (Instant, OffsetDateTime) {
+    *STARTED.get_or_init(|| (Instant::now(), OffsetDateTime::now_utc()))
 }
 
 /// The body of `/health`.
 pub(crate) fn health_json(state: &AppState) -> Value {
-    mark_started();
     let mut body = match &state.store {
         Some(store) => {
             let mut body = serde_json::to_value(store.health()).unwrap_or_else(
@@ -53,10 +57,7 @@ pub(crate) fn health_json(state: &AppState) -> Value {
     }
     body["store"] = json!(state.kind.as_str());
     body["requests_in_flight"] = json!(state.in_flight.load(Ordering::Relaxed));
-    let (started, started_at) = STARTED
-        .get()
-        .copied()
-        .unwrap_or_else(|| (Instant::now(), OffsetDateTime::now_utc()));
+    let (started, started_at) = started();
     body["server"] = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "started_at": rfc3339(started_at),

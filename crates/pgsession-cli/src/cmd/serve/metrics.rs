@@ -70,7 +70,6 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// Installs the Prometheus recorder (once per process), describes and
 /// registers every series, and returns its handle.
 pub(crate) fn install() -> Option<PrometheusHandle> {
-    health::mark_started();
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()

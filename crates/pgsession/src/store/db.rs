@@ -124,18 +124,8 @@ impl Store {
                 let mut found: std::collections::HashMap<String, (StoredSession, usize)> = rows
                     .into_iter()
                     .filter_map(|row| {
-                        let json: Option<String> = row.get(1);
-                        let expire = row.get::<_, PrimitiveDateTime>(2).assume_utc();
-                        Some((
-                            row.get(0),
-                            (
-                                StoredSession {
-                                    json: json?,
-                                    expire,
-                                },
-                                0,
-                            ),
-                        ))
+                        let session = self.stored(row.get(1), row.get(2))?;
+                        Some((row.get(0), (session, 0)))
                     })
                     .collect();
                 for sid in &sids {
@@ -206,29 +196,33 @@ impl Store {
                 (conn, result)
             })
             .await?;
-        Ok(row.and_then(|row| {
-            // NULL only in a table another program altered: no session.
-            let json: Option<String> = row.get(0);
-            let limit = self.inner.config.max_session_bytes();
-            match json {
-                // Written by another program (this store never saves one):
-                // not parsed, no session.
-                Some(json) if json.len() > limit => {
-                    tracing::warn!(
-                        target: "session_store",
-                        bytes = json.len(),
-                        limit,
-                        "stored session is over max_session_bytes; treated as no session"
-                    );
-                    None
-                }
-                Some(json) => Some(StoredSession { json, expire: row.get::<_, PrimitiveDateTime>(1).assume_utc() }),
-                None => {
-                    tracing::warn!(target: "session_store", "stored session has a NULL document; treated as no session");
-                    None
-                }
+        Ok(row.and_then(|row| self.stored(row.get(0), row.get(1))))
+    }
+
+    /// A stored row as a session. A NULL document (only in a table another
+    /// program altered) or one over `max_session_bytes` (this store never
+    /// saves one) is not parsed: no session, with a warning.
+    fn stored(&self, json: Option<String>, expire: PrimitiveDateTime) -> Option<StoredSession> {
+        let limit = self.inner.config.max_session_bytes();
+        match json {
+            Some(json) if json.len() > limit => {
+                tracing::warn!(
+                    target: "session_store",
+                    bytes = json.len(),
+                    limit,
+                    "stored session is over max_session_bytes; treated as no session"
+                );
+                None
             }
-        }))
+            Some(json) => Some(StoredSession {
+                json,
+                expire: expire.assume_utc(),
+            }),
+            None => {
+                tracing::warn!(target: "session_store", "stored session has a NULL document; treated as no session");
+                None
+            }
+        }
     }
 
     /// A save, combined with concurrent ones when they queue.

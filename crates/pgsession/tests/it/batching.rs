@@ -96,3 +96,47 @@ async fn a_session_loaded_by_many_callers_at_once_reaches_each_of_them() {
     }
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_session_over_the_limit_is_no_session_batched_or_not() {
+    let db = test_db().await;
+    let store = store_with(
+        config(db.url())
+            .max_session_bytes(1024)
+            .pool_size(1)
+            .pool_max_size(1),
+    )
+    .await;
+    store
+        .save("small", r#"{"n":1}"#, in_secs(60))
+        .await
+        .unwrap();
+    // Written by another program: this store refuses to save it.
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(2000));
+    db.client()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO session_store (sid, sess, expire) \
+             VALUES ('big', $1::text::json, (now() AT TIME ZONE 'UTC') + interval '1 hour')",
+            &[&big],
+        )
+        .await
+        .unwrap();
+
+    assert!(store.load("big").await.unwrap().is_none(), "alone");
+    let loads = (0..40).map(|i| {
+        let store = store.clone();
+        let sid = if i % 2 == 0 { "big" } else { "small" };
+        tokio::spawn(async move { (sid, store.load(sid).await) })
+    });
+    for load in loads.collect::<Vec<_>>() {
+        let (sid, loaded) = load.await.unwrap();
+        let loaded = loaded.expect("load succeeds");
+        match sid {
+            "big" => assert!(loaded.is_none(), "batched: {loaded:?}"),
+            _ => assert_eq!(loaded.expect("saved session").json, r#"{"n":1}"#),
+        }
+    }
+    store.close().await;
+}

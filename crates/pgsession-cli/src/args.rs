@@ -61,6 +61,82 @@ pub(crate) enum Command {
     /// verdict, and a failure with its likely cause and the setting to
     /// change. Exits with 1 when a step fails. Changes nothing.
     Doctor(DoctorArgs),
+    /// List, replay or discard dead letters: journaled writes that could not
+    /// be written back.
+    ///
+    /// A write accepted while the database was away is journaled on disk
+    /// and written back when it returns, but only if the session's row is
+    /// still what that write was based on. A write that met a newer one
+    /// (another instance or a Node service changed the session), a session
+    /// logged out meanwhile, a taken id, or a refusal by the database is
+    /// left out, and kept as a dead letter in `dead-letters.jsonl` of the
+    /// journal directory (PGSESSION_JOURNAL_DIR). This command shows them
+    /// (never a whole session id: ids are secrets), writes chosen ones to
+    /// the table as they stand, or deletes them.
+    Journal(JournalArgs),
+}
+
+/// `pgsession journal`.
+#[derive(Debug, Args)]
+pub(crate) struct JournalArgs {
+    /// What to do with the dead letters.
+    #[command(subcommand)]
+    pub(crate) action: JournalAction,
+}
+
+/// The `pgsession journal` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum JournalAction {
+    /// Show the dead letters and the journal files. Needs no database.
+    ///
+    /// Each dead letter is shown with its number, when it was set aside,
+    /// its kind (changed, destroyed, id_taken, duplicate, failed), the
+    /// operation (save, touch, destroy), the first characters of its
+    /// session id, the size of its document, whether its expiry has passed,
+    /// its table and the reason. Then each journal file in the directory,
+    /// with its live entries and whether a running store holds it.
+    List(JournalListArgs),
+    /// Write dead letters to the session table as they stand. Needs
+    /// DATABASE_URL.
+    ///
+    /// Each letter is applied whatever the row holds now: a save replaces
+    /// the session (or brings back one that was logged out), a touch moves
+    /// its expiry, a destroy deletes it. Letters that landed are removed
+    /// from the file; those that failed stay, and the command exits with 1.
+    Replay(JournalPickArgs),
+    /// Delete dead letters from the file without applying them.
+    Discard(JournalPickArgs),
+}
+
+/// `pgsession journal list`.
+#[derive(Debug, Args)]
+pub(crate) struct JournalListArgs {
+    /// The session store (for the journal directory and the table).
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+/// `pgsession journal replay|discard`: which dead letters.
+#[derive(Debug, Args)]
+pub(crate) struct JournalPickArgs {
+    /// Numbers of dead letters, as `pgsession journal list` shows them
+    /// (1 is the oldest).
+    #[arg(
+        value_name = "N",
+        required_unless_present = "all",
+        conflicts_with = "all",
+        value_parser = parse_letter_number
+    )]
+    pub(crate) numbers: Vec<usize>,
+
+    /// Every dead letter in the file.
+    #[arg(long)]
+    pub(crate) all: bool,
+
+    /// The session store (the journal directory; the database and table
+    /// for `replay`).
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
 }
 
 /// How log lines are written.
@@ -239,12 +315,13 @@ fn setting_help(setting: &str) -> &'static str {
             "Sessions kept in the fallback cache, 0 turns it off [default: 10000]"
         }
         "cache_max_bytes" => "Bytes of sessions kept in the fallback cache [default: 16 MiB]",
-        "journal_max_entries" => {
-            "Sessions whose writes may wait in the journal during an outage [default: 100000]"
+        "journal_max_bytes" => {
+            "Bytes the on-disk journal may hold during an outage; past it, 503 [default: 64 MiB]"
         }
-        "spool_dir" => {
-            "Where the journal is spooled when stopping during an outage [default: .pgsession]"
+        "journal_dir" => {
+            "Directory of the on-disk journal, on a persistent disk [default: .pgsession/journal]"
         }
+        "fallback" => "Serve from the cache and journal while the database is away [default: true]",
         "tls_insecure" => "Accept any server certificate (tests only) [default: false]",
         _ => "A store setting (see pgsession::Config)",
     }
@@ -256,19 +333,11 @@ fn value_name(setting: &str) -> &'static str {
         "url" => "URL",
         "schema" | "table" => "NAME",
         "pooler" => "MODE",
-        "create_table" | "tls_insecure" => "BOOL",
-        "spool_dir" => "DIR",
-        "pool_size"
-        | "pool_max_size"
-        | "min_idle"
-        | "max_uses"
-        | "startup_retries"
-        | "prune_batch_size"
-        | "max_session_bytes"
-        | "breaker_threshold"
-        | "cache_max_entries"
-        | "cache_max_bytes"
-        | "journal_max_entries" => "N",
+        "create_table" | "tls_insecure" | "fallback" => "BOOL",
+        "journal_dir" => "DIR",
+        "pool_size" | "pool_max_size" | "min_idle" | "max_uses" | "startup_retries"
+        | "prune_batch_size" | "max_session_bytes" | "breaker_threshold" | "cache_max_entries"
+        | "cache_max_bytes" | "journal_max_bytes" => "N",
         "idle_timeout"
         | "connect_timeout"
         | "acquire_timeout"
@@ -306,6 +375,22 @@ impl StoreArgs {
                 })
                 .collect(),
         }
+    }
+
+    /// The journal directory (`journal_dir`) and the table
+    /// (`schema.table`, unquoted, as dead letters name it) these settings
+    /// give, for a command that needs no database: a placeholder URL stands
+    /// in when none was given.
+    pub(crate) fn journal_dir_and_table(&self) -> Result<(PathBuf, String), anyhow::Error> {
+        let mut builder = self.builder()?;
+        if self.database_url().is_none() {
+            builder = builder
+                .set("url", "postgres://localhost/unused")
+                .map_err(|e| UsageError::new(e.to_string()))?;
+        }
+        let config = builder.build()?;
+        let table = format!("{}.{}", config.schema().as_str(), config.table().as_str());
+        Ok((config.journal_dir().to_owned(), table))
     }
 
     /// The database URL, when one was given.
@@ -391,6 +476,18 @@ pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
             value.trim()
         )
     })
+}
+
+/// A dead letter's number, as `pgsession journal list` shows it: 1 or more.
+fn parse_letter_number(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "expected a dead letter number (1, 2, ... as `pgsession journal list` shows them), \
+             got {:?}",
+            value.trim()
+        )),
+    }
 }
 
 /// Parses a command line; `--help`, `--version` and usage errors come back

@@ -7,7 +7,7 @@ use std::future::Future;
 use time::OffsetDateTime;
 
 use crate::error::Error;
-use crate::store::StoredSession;
+use crate::record::StoredSession;
 
 /// A place that keeps session documents by id.
 ///

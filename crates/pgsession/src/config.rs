@@ -180,8 +180,9 @@ pub struct Config {
     pub(crate) breaker_max_cool_down: Duration,
     pub(crate) cache_max_entries: usize,
     pub(crate) cache_max_bytes: usize,
-    pub(crate) journal_max_entries: usize,
-    pub(crate) spool_dir: PathBuf,
+    pub(crate) journal_max_bytes: usize,
+    pub(crate) journal_dir: PathBuf,
+    pub(crate) fallback: bool,
 }
 
 impl Config {
@@ -333,15 +334,25 @@ impl Config {
     pub fn cache_max_bytes(&self) -> usize {
         self.cache_max_bytes
     }
-    /// Sessions whose writes may wait in the journal during an outage;
-    /// past this, writes of further sessions are refused. Default: 100,000.
-    pub fn journal_max_entries(&self) -> usize {
-        self.journal_max_entries
+    /// Bytes the on-disk journal may hold while the database is away; past
+    /// this, writes answer 503 with `Retry-After` rather than be
+    /// acknowledged without a durable copy. Default: 64 MiB.
+    pub fn journal_max_bytes(&self) -> usize {
+        self.journal_max_bytes
     }
-    /// Where the journal is spooled when the process stops during an
-    /// outage, and read back at the next start. Default: `.pgsession`.
-    pub fn spool_dir(&self) -> &std::path::Path {
-        &self.spool_dir
+    /// The directory of the on-disk journal (mode 0700, files 0600): writes
+    /// accepted while the database is away are fsynced here before they are
+    /// acknowledged, and the journal files of this process, or of one that
+    /// died, are written back from here. Put it on a persistent disk.
+    /// Default: `.pgsession/journal`.
+    pub fn journal_dir(&self) -> &std::path::Path {
+        &self.journal_dir
+    }
+    /// Whether the fallback serves while the database is away (reads from
+    /// the cache, writes to the journal). Off, an outage answers 503 and no
+    /// journal directory is needed. Default: on.
+    pub fn fallback(&self) -> bool {
+        self.fallback
     }
     /// TLS settings.
     pub fn tls(&self) -> &TlsConfig {
@@ -412,8 +423,9 @@ impl fmt::Debug for Config {
             .field("breaker_max_cool_down", &self.breaker_max_cool_down)
             .field("cache_max_entries", &self.cache_max_entries)
             .field("cache_max_bytes", &self.cache_max_bytes)
-            .field("journal_max_entries", &self.journal_max_entries)
-            .field("spool_dir", &self.spool_dir)
+            .field("journal_max_bytes", &self.journal_max_bytes)
+            .field("journal_dir", &self.journal_dir)
+            .field("fallback", &self.fallback)
             .finish()
     }
 }
@@ -453,8 +465,9 @@ pub struct ConfigBuilder {
     breaker_max_cool_down: Duration,
     cache_max_entries: usize,
     cache_max_bytes: usize,
-    journal_max_entries: usize,
-    spool_dir: PathBuf,
+    journal_max_bytes: usize,
+    journal_dir: PathBuf,
+    fallback: bool,
 }
 
 impl Default for ConfigBuilder {
@@ -489,8 +502,9 @@ impl Default for ConfigBuilder {
             breaker_max_cool_down: Duration::from_secs(30),
             cache_max_entries: 10_000,
             cache_max_bytes: 16 * 1024 * 1024,
-            journal_max_entries: 100_000,
-            spool_dir: PathBuf::from(".pgsession"),
+            journal_max_bytes: 64 * 1024 * 1024,
+            journal_dir: PathBuf::from(".pgsession/journal"),
+            fallback: true,
         }
     }
 }
@@ -535,8 +549,9 @@ pub const ENV_SETTINGS: &[(&str, &str)] = &[
     ("PGSESSION_BREAKER_MAX_COOL_DOWN", "breaker_max_cool_down"),
     ("PGSESSION_CACHE_MAX_ENTRIES", "cache_max_entries"),
     ("PGSESSION_CACHE_MAX_BYTES", "cache_max_bytes"),
-    ("PGSESSION_JOURNAL_MAX_ENTRIES", "journal_max_entries"),
-    ("PGSESSION_SPOOL_DIR", "spool_dir"),
+    ("PGSESSION_JOURNAL_MAX_BYTES", "journal_max_bytes"),
+    ("PGSESSION_JOURNAL_DIR", "journal_dir"),
+    ("PGSESSION_FALLBACK", "fallback"),
     ("PGSESSION_TLS_INSECURE", "tls_insecure"),
 ];
 
@@ -588,8 +603,9 @@ impl ConfigBuilder {
             "breaker_max_cool_down" => self.breaker_max_cool_down(duration()?),
             "cache_max_entries" => self.cache_max_entries(count()?),
             "cache_max_bytes" => self.cache_max_bytes(count()?),
-            "journal_max_entries" => self.journal_max_entries(count()?),
-            "spool_dir" => self.spool_dir(value),
+            "journal_max_bytes" => self.journal_max_bytes(count()?),
+            "journal_dir" => self.journal_dir(value),
+            "fallback" => self.fallback(parse_bool(setting, value)?),
             "tls_insecure" => self.danger_accept_invalid_certs(parse_bool(setting, value)?),
             other => return Err(ConfigError::invalid(other, "no such setting")),
         })
@@ -761,14 +777,19 @@ impl ConfigBuilder {
         self.cache_max_bytes = bytes;
         self
     }
-    /// See [`Config::journal_max_entries`].
-    pub fn journal_max_entries(mut self, entries: usize) -> Self {
-        self.journal_max_entries = entries;
+    /// See [`Config::journal_max_bytes`].
+    pub fn journal_max_bytes(mut self, bytes: usize) -> Self {
+        self.journal_max_bytes = bytes;
         self
     }
-    /// See [`Config::spool_dir`].
-    pub fn spool_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.spool_dir = dir.into();
+    /// See [`Config::fallback`].
+    pub fn fallback(mut self, on: bool) -> Self {
+        self.fallback = on;
+        self
+    }
+    /// See [`Config::journal_dir`].
+    pub fn journal_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.journal_dir = dir.into();
         self
     }
     /// Accepts any server certificate. Only for tests and for servers whose
@@ -894,8 +915,9 @@ impl ConfigBuilder {
             breaker_max_cool_down: self.breaker_max_cool_down,
             cache_max_entries: self.cache_max_entries,
             cache_max_bytes: self.cache_max_bytes,
-            journal_max_entries: self.journal_max_entries,
-            spool_dir: self.spool_dir,
+            journal_max_bytes: self.journal_max_bytes,
+            journal_dir: self.journal_dir,
+            fallback: self.fallback,
         })
     }
 }

@@ -1,6 +1,9 @@
-//! The store's error type, and the one question every caller asks of it:
-//! is this worth retrying?
+//! The store's error type, and the questions every caller asks of it: is
+//! this worth retrying, and does it mean the database is away (serve from
+//! the fallback), busy (answer 503, journal nothing) or misconfigured (say
+//! which setting to change)?
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::ConfigError;
@@ -50,9 +53,19 @@ pub enum Error {
     Unavailable,
 
     /// The statement that carried this operation together with others
-    /// failed transiently; its message.
+    /// failed; the error of that statement, shared by every request in it
+    /// (its kind and SQLSTATE are this error's).
     #[error("{0} (in a batched statement)")]
-    Batched(String),
+    Batched(Arc<Error>),
+
+    /// The database is away and the write could not be made durable in the
+    /// local journal (it is full, or its disk failed): nothing was
+    /// acknowledged.
+    #[error("the session database is away and the local journal cannot take the write: {reason}")]
+    JournalUnavailable {
+        /// Why, for the log (`full at 67108864 bytes`, an I/O error).
+        reason: String,
+    },
 
     /// A session document is larger than the configured limit.
     #[error("session of {size} bytes is over the limit of {limit} bytes")]
@@ -86,6 +99,8 @@ pub enum ErrorKind {
     Unavailable,
     /// [`Error::TooLarge`].
     TooLarge,
+    /// [`Error::JournalUnavailable`].
+    Journal,
 }
 
 impl ErrorKind {
@@ -101,6 +116,7 @@ impl ErrorKind {
             ErrorKind::StoreClosed => "store_closed",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::TooLarge => "too_large",
+            ErrorKind::Journal => "journal",
         }
     }
 }
@@ -118,8 +134,9 @@ impl Error {
             Error::Postgres(_) => ErrorKind::Connect,
             Error::Closed => ErrorKind::StoreClosed,
             Error::Unavailable => ErrorKind::Unavailable,
-            Error::Batched(_) => ErrorKind::Connect,
+            Error::Batched(e) => e.kind(),
             Error::TooLarge { .. } => ErrorKind::TooLarge,
+            Error::JournalUnavailable { .. } => ErrorKind::Journal,
         }
     }
 
@@ -127,6 +144,66 @@ impl Error {
     pub fn sql_state(&self) -> Option<&str> {
         match self {
             Error::Postgres(e) => e.code().map(|c| c.code()),
+            Error::Batched(e) => e.sql_state(),
+            _ => None,
+        }
+    }
+
+    /// Whether this failure shows the database is away (unreachable, its
+    /// link broken, shutting down, failing over, or the breaker open), as
+    /// opposed to busy or misconfigured. Only such a failure sends a write
+    /// to the journal or a read to the cache; see RELIABILITY.md, "Which
+    /// errors journal".
+    ///
+    /// ```
+    /// # use pgsession::Error;
+    /// # use std::time::Duration;
+    /// assert!(Error::Unavailable.is_outage());
+    /// assert!(Error::ConnectTimeout(Duration::from_secs(20)).is_outage());
+    /// // A saturated pool is busy, not away: the answer is a 503.
+    /// assert!(!Error::AcquireTimeout(Duration::from_secs(1)).is_outage());
+    /// ```
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Error::ConnectTimeout(_) | Error::Unavailable => true,
+            Error::Batched(e) => e.is_outage(),
+            Error::Postgres(e) => match e.code() {
+                Some(code) => is_outage_sql_state(code.code()),
+                None => tls_config_hint(e).is_none(),
+            },
+            _ => false,
+        }
+    }
+
+    /// Whether a write that failed this way may still have committed: its
+    /// statement was sent and no answer came (a client-side timeout, a link
+    /// that broke mid-statement). A server's error answer means the
+    /// statement was rolled back.
+    pub(crate) fn is_unanswered(&self) -> bool {
+        match self {
+            Error::QueryTimeout { .. } => true,
+            Error::Batched(e) => e.is_unanswered(),
+            Error::Postgres(e) => e.code().is_none() && tls_config_hint(e).is_none(),
+            _ => false,
+        }
+    }
+
+    /// What to change when this failure comes from the configuration
+    /// rather than the database's availability: a certificate that fails
+    /// verification, a server that refuses TLS, a wrong password or user,
+    /// a missing database. `None` for any other failure.
+    ///
+    /// Such an error is neither retried nor served from the fallback: it
+    /// does not heal by waiting, and a journal filling behind it would only
+    /// hide it.
+    pub fn config_hint(&self) -> Option<String> {
+        match self {
+            Error::Config(e) => Some(format!("fix the setting: {e}")),
+            Error::Batched(e) => e.config_hint(),
+            Error::Postgres(e) => match e.code().map(|c| c.code()) {
+                Some(code) => login_hint(code),
+                None => tls_config_hint(e).map(str::to_owned),
+            },
             _ => None,
         }
     }
@@ -150,15 +227,19 @@ impl Error {
             Error::AcquireTimeout(_)
             | Error::ConnectTimeout(_)
             | Error::QueryTimeout { .. }
-            | Error::Batched(_)
             | Error::Unavailable => true,
+            Error::Batched(e) => e.is_transient(),
             Error::Postgres(e) => match e.code() {
                 Some(code) => is_transient_sql_state(code.code()),
                 // No SQLSTATE: an I/O error, a closed connection or a
-                // failed connect. All of these are link failures.
-                None => true,
+                // failed connect: link failures, unless TLS refused the
+                // server (a configuration error).
+                None => tls_config_hint(e).is_none(),
             },
-            Error::Config(_) | Error::Closed | Error::TooLarge { .. } => false,
+            Error::Config(_)
+            | Error::Closed
+            | Error::TooLarge { .. }
+            | Error::JournalUnavailable { .. } => false,
         }
     }
 
@@ -195,6 +276,82 @@ pub(crate) fn chain(error: &dyn std::error::Error) -> String {
         cause = e.source();
     }
     text
+}
+
+/// SQLSTATE codes that say the database is away: a connection exception
+/// (class 08), a shutdown or crash (57P01, 57P02), a server starting up
+/// (57P03), a standby that took a write after a failover (25006).
+fn is_outage_sql_state(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "25006")
+}
+
+/// What to change for a login refused by configuration, by SQLSTATE (the
+/// same hints `pgsession doctor` gives).
+fn login_hint(code: &str) -> Option<String> {
+    Some(match code {
+        "28P01" => "password authentication failed: check the password in DATABASE_URL \
+                    (percent-encode @ : / # ? in it: @ is %40)"
+            .to_owned(),
+        "28000" => "the server refuses this user from this address (pg_hba.conf), or requires \
+                    TLS: add a pg_hba.conf entry for this client, or try sslmode=require"
+            .to_owned(),
+        "3D000" => {
+            "the database does not exist: check the name at the end of DATABASE_URL".to_owned()
+        }
+        _ => return None,
+    })
+}
+
+/// The hint for a TLS failure that configuration causes (the certificate
+/// fails verification, or the server does not do TLS while `sslmode`
+/// requires it); `None` for any other failure, such as a link reset in the
+/// middle of a handshake.
+fn tls_config_hint(error: &tokio_postgres::Error) -> Option<&'static str> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return tls_hint(tls);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return tls_hint(tls);
+            }
+        }
+        if e.to_string().contains("server does not support TLS") {
+            return Some(
+                "the server does not accept TLS but sslmode requires it: enable ssl on the \
+                 server, or set sslmode=prefer (or disable) in DATABASE_URL",
+            );
+        }
+        cause = e.source();
+    }
+    None
+}
+
+fn tls_hint(error: &rustls::Error) -> Option<&'static str> {
+    use rustls::{CertificateError, Error as Tls};
+    Some(match error {
+        Tls::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "the server's certificate is not signed by a trusted CA: set sslrootcert=/path/to/ca.pem \
+             in DATABASE_URL (your provider's CA bundle)"
+        }
+        Tls::InvalidCertificate(CertificateError::NotValidForName)
+        | Tls::InvalidCertificate(CertificateError::NotValidForNameContext { .. }) => {
+            "the server's certificate does not name this host: connect with the name it was \
+             issued for, or use sslmode=verify-ca to check the chain only"
+        }
+        Tls::InvalidCertificate(CertificateError::Expired)
+        | Tls::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            "the server's certificate has expired: renew it on the server"
+        }
+        Tls::InvalidCertificate(_) | Tls::NoCertificatesPresented => {
+            "the server's certificate fails verification: check it and sslrootcert in DATABASE_URL"
+        }
+        Tls::PeerIncompatible(_) | Tls::InappropriateHandshakeMessage { .. } => {
+            "the server's TLS is incompatible: check the server's ssl settings and sslmode"
+        }
+        _ => return None,
+    })
 }
 
 /// SQLSTATE codes after which a retry on a fresh connection may succeed.

@@ -3,6 +3,7 @@
 //! behind `/health`.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use time::OffsetDateTime;
@@ -35,10 +36,25 @@ pub enum HealthStatus {
 }
 
 /// The journal's part of the health report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct JournalHealth {
     /// Sessions with writes waiting to be written back.
     pub entries: usize,
+    /// Bytes those writes take on disk.
+    pub bytes: u64,
+    /// The limit (`journal_max_bytes`); past it, writes answer 503.
+    pub max_bytes: u64,
+    /// Whether the fallback serves during outages (`fallback`).
+    pub fallback: bool,
+    /// The journal directory (`journal_dir`), when the fallback is on.
+    pub dir: Option<String>,
+    /// Why the journal takes no more writes (a failed write or fsync),
+    /// if it does not.
+    pub broken: Option<String>,
+    /// Write-back conflicts since start (each kept as a dead letter).
+    pub conflicts: u64,
+    /// Dead letters waiting in the journal directory (`pgsession journal`).
+    pub dead_letters: u64,
 }
 
 /// Everything `/health` shows.
@@ -54,8 +70,69 @@ pub struct StoreHealth {
     pub pool: PoolStatus,
     /// The last health check, if one ran.
     pub last_check: Option<CheckResult>,
+    /// A configuration error the database reported (a certificate that
+    /// fails verification, a server refusing TLS, a wrong password or
+    /// user, a missing database): the setting to change, then the error.
+    /// Cleared when an operation or a health check succeeds; the status is
+    /// `degraded` meanwhile.
+    pub config_error: Option<String>,
     /// The journal.
     pub journal: JournalHealth,
+}
+
+/// The configuration error the database reported last, kept until an
+/// operation or a health check succeeds. Every request meets the same
+/// error while it lasts: the log says it once, at ERROR with the setting
+/// to change, and again only when it changes or comes back after clearing.
+#[derive(Debug, Default)]
+pub(crate) struct ConfigProblem {
+    /// Whether one is set, so that every success need not take the lock.
+    set: AtomicBool,
+    text: Mutex<Option<String>>,
+}
+
+impl ConfigProblem {
+    /// Records `error` if it is a configuration error; returns its text
+    /// when it is new (not the one already recorded).
+    pub(crate) fn report(&self, error: &crate::Error) -> Option<String> {
+        let hint = error.config_hint()?;
+        let text = if error.kind() == crate::ErrorKind::Config {
+            hint.clone()
+        } else {
+            format!("{hint} ({error})")
+        };
+        let mut current = self.text.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_deref() == Some(text.as_str()) {
+            return None;
+        }
+        tracing::error!(
+            target: "session_store",
+            error = %error,
+            "configuration error, not an outage (not retried, nothing journaled): {hint}"
+        );
+        *current = Some(text.clone());
+        self.set.store(true, Ordering::Release);
+        Some(text)
+    }
+
+    /// Forgets the error: an operation reached the database.
+    pub(crate) fn clear(&self) {
+        if !self.set.load(Ordering::Acquire) {
+            return;
+        }
+        let mut current = self.text.lock().unwrap_or_else(|p| p.into_inner());
+        self.set.store(false, Ordering::Release);
+        if let Some(text) = current.take() {
+            tracing::info!(target: "session_store", "the configuration error is gone: {text}");
+        }
+    }
+
+    pub(crate) fn get(&self) -> Option<String> {
+        if !self.set.load(Ordering::Acquire) {
+            return None;
+        }
+        self.text.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Something an operator would want to see on the dashboard.
@@ -64,7 +141,8 @@ pub struct Event {
     /// When.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
-    /// Short kind: `breaker`, `slow_check`, `check_failed`, `pool_resized`, `spool`.
+    /// Short kind: `breaker`, `slow_check`, `check_failed`, `pool_resized`,
+    /// `pool_limit`, `config_error`, `journal`, `conflict`, `dead_letter`.
     pub kind: &'static str,
     /// What happened, for a person.
     pub message: String,

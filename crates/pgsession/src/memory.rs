@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use crate::backend::SessionBackend;
 use crate::error::Error;
-use crate::store::StoredSession;
+use crate::record::StoredSession;
 
 /// Sessions in a map behind a mutex; expired entries are dropped when read
 /// and by [`MemoryStore::prune`].

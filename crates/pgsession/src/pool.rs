@@ -8,18 +8,29 @@
 //! warm minimum kept open. [`Checkout`] adds the client-side deadline: a
 //! query that outlives it is cancelled on the server and its connection
 //! thrown away.
+//!
+//! The pool's maximum is kept by a gate of its own (see [`Gate`]), so that
+//! it can be lowered for real when the server refuses more connections
+//! (SQLSTATE 53300): the pool then keeps to the connections it holds, and
+//! a caller that gets none within the acquire timeout gets
+//! [`Error::AcquireTimeout`], never the server's refusal. [`Progress`]
+//! tells the store how far an attempt got, so that only the failures of
+//! opening a connection, or of a connection just opened, count against
+//! the database.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{
     Connect, Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
     Timeouts,
 };
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{CancelToken, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -50,6 +61,9 @@ pub(crate) struct SessionPool {
     pool: Pool,
     tls: MakeRustlsConnect,
     shared: Arc<Shared>,
+    gate: Arc<Gate>,
+    /// Opens the probes' connections, outside the pool.
+    prober: Arc<(SessionConnector, tokio_postgres::Config)>,
     min_idle: usize,
     idle_timeout: Duration,
     acquire_timeout: Duration,
@@ -80,6 +94,16 @@ struct Shared {
     /// new connections try it first (after a failover, the promoted
     /// standby), not a host that has gone silent.
     last_host: std::sync::atomic::AtomicUsize,
+    /// Set by each refusal for lack of connection slots, taken by the
+    /// store's upkeep: the server's free slots are then taken to be none.
+    refused: AtomicBool,
+    /// The size the pool kept to at the refusal that logged the warning,
+    /// for the store's event (0: none to report).
+    announce: AtomicUsize,
+    /// The last refusal, so that a stretch of them logs one warning.
+    last_refusal: Mutex<Option<Instant>>,
+    /// Probes under way (see [`SessionPool::probe_slot`]).
+    probes: AtomicUsize,
 }
 
 impl Shared {
@@ -116,6 +140,7 @@ impl SessionPool {
             hosts: config.per_host.clone(),
             connect_timeout: config.connect_timeout(),
         };
+        let prober = Arc::new((connector.clone(), config.postgres().clone()));
         let manager = Manager::from_connect(
             config.postgres().clone(),
             connector,
@@ -124,8 +149,9 @@ impl SessionPool {
             },
         );
         let max_uses = config.max_uses();
+        // Deadpool's maximum is the ceiling; the gate keeps the size in force.
         let pool = Pool::builder(manager)
-            .max_size(config.pool_size())
+            .max_size(config.pool_max_size().max(config.pool_size()))
             .runtime(Runtime::Tokio1)
             .timeouts(Timeouts {
                 wait: Some(config.acquire_timeout()),
@@ -147,6 +173,8 @@ impl SessionPool {
             pool,
             tls,
             shared,
+            gate: Arc::new(Gate::new(config.pool_size())),
+            prober,
             min_idle: config.min_idle(),
             idle_timeout: config.idle_timeout(),
             acquire_timeout: config.acquire_timeout(),
@@ -157,21 +185,156 @@ impl SessionPool {
     /// Takes a connection, waiting at most the acquire timeout for a free
     /// slot and the connect timeout for a new connection.
     pub(crate) async fn checkout(&self) -> Result<Checkout, Error> {
-        let started = std::time::Instant::now();
-        let got = self.pool.get().await;
+        self.checkout_tracked(&Progress::default()).await
+    }
+
+    /// [`SessionPool::checkout`], recording in `progress` whether it waits
+    /// for a slot, opens a connection, or got one (fresh or reused): the
+    /// stage at which a failure or a deadline met the attempt.
+    ///
+    /// A server out of connection slots (53300) is not an error here: the
+    /// pool keeps to the connections it holds and the caller waits for one
+    /// of them, as for any busy pool.
+    pub(crate) async fn checkout_tracked(&self, progress: &Progress) -> Result<Checkout, Error> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.acquire_timeout;
+        let mut pause = REFUSED_PAUSE;
+        let got = loop {
+            progress.set(Stage::Waiting);
+            let pass = match self.gate.enter(deadline, self.acquire_timeout).await {
+                Ok(pass) => pass,
+                Err(e) => break Err(e),
+            };
+            progress.set(Stage::Connecting);
+            let asked = Instant::now();
+            match self.pool.get().await {
+                Ok(conn) => break Ok((conn, pass, asked)),
+                Err(deadpool_postgres::PoolError::Backend(e)) if out_of_slots(&e) => {
+                    drop(pass);
+                    if self.out_of_slots(&e) > 0 {
+                        continue; // wait at the gate for a connection held
+                    }
+                    // None held: nothing to wait for but the server.
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        tokio::time::sleep_until(deadline).await;
+                        break Err(Error::AcquireTimeout(self.acquire_timeout));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    break Err(match Error::from(e) {
+                        Error::AcquireTimeout(_) => Error::AcquireTimeout(self.acquire_timeout),
+                        Error::ConnectTimeout(_) => Error::ConnectTimeout(self.connect_timeout),
+                        other => other,
+                    })
+                }
+            }
+        };
         metrics::histogram!("pgsession_pool_acquire_seconds").record(started.elapsed());
-        match got {
-            Ok(conn) => Ok(Checkout {
-                conn: Some(conn),
-                tls: self.tls.clone(),
-                unnamed: self.is_pooled(),
-            }),
-            Err(e) => Err(match Error::from(e) {
-                Error::AcquireTimeout(_) => Error::AcquireTimeout(self.acquire_timeout),
-                Error::ConnectTimeout(_) => Error::ConnectTimeout(self.connect_timeout),
-                other => other,
-            }),
+        let (conn, pass, asked) = got?;
+        let opened = Object::metrics(&conn);
+        // Opened by this very call: never used, and created since it asked.
+        let fresh = opened.recycled.is_none() && opened.created >= asked;
+        progress.set(if fresh { Stage::Fresh } else { Stage::Reused });
+        Ok(Checkout {
+            conn: Some(conn),
+            tls: self.tls.clone(),
+            unnamed: self.is_pooled(),
+            fresh,
+            _pass: pass,
+        })
+    }
+
+    /// The server refused a connection for lack of slots: the pool keeps to
+    /// the connections it holds (at least one, to try again with). Returns
+    /// how many it holds. Warns once per stretch of refusals.
+    fn out_of_slots(&self, error: &tokio_postgres::Error) -> usize {
+        let held = self.pool.status().size;
+        let keep = held.max(1);
+        // Before the gate moves: the upkeep must not grow the pool again on
+        // a stale count of the server's free slots.
+        self.shared.refused.store(true, Ordering::Release);
+        let from = self.gate.lower_to(keep);
+        let now = Instant::now();
+        let mut last = self
+            .shared
+            .last_refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let quiet_before = last.is_none_or(|at| now.duration_since(at) >= REFUSAL_QUIET);
+        *last = Some(now);
+        drop(last);
+        if quiet_before {
+            self.shared.announce.store(keep, Ordering::Release);
+            let reason = error
+                .as_db_error()
+                .map_or_else(|| crate::error::chain(error), |db| db.message().to_owned());
+            let keeping = match held {
+                0 => "the pool holds none and asks again until the acquire timeout".to_owned(),
+                n => format!("the pool keeps to the {n} connections it holds"),
+            };
+            tracing::warn!(
+                target: "session_pool",
+                held,
+                max_was = from,
+                "the server refuses more connections (SQLSTATE 53300: {reason}): {keeping}, and \
+                 callers that get none within the acquire timeout get a 503. Lower \
+                 PGSESSION_POOL_SIZE and PGSESSION_POOL_MAX_SIZE, or raise the limit (the \
+                 role's or the database's CONNECTION LIMIT, or max_connections)"
+            );
+        } else {
+            tracing::debug!(target: "session_pool", held, "the server refused another connection (53300)");
         }
+        held
+    }
+
+    /// Whether the server refused a connection for lack of slots since the
+    /// last call.
+    pub(crate) fn take_refused(&self) -> bool {
+        self.shared.refused.swap(false, Ordering::AcqRel)
+    }
+
+    /// The size the pool kept to at a refusal that began a stretch, once.
+    pub(crate) fn take_announcement(&self) -> Option<usize> {
+        Some(self.shared.announce.swap(0, Ordering::AcqRel)).filter(|&n| n > 0)
+    }
+
+    /// A place for one probe, if fewer than `limit` are under way.
+    pub(crate) fn probe_slot(&self, limit: usize) -> Option<ProbeSlot> {
+        let shared = &self.shared;
+        shared
+            .probes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        Some(ProbeSlot(shared.clone()))
+    }
+
+    /// Opens a connection outside the pool, runs `SELECT 1` on it and
+    /// closes it, each step within `bound`: a question that no connection
+    /// sitting in the pool can answer for (in a blackhole an idle
+    /// connection hangs as a busy one does; only a new one tells).
+    pub(crate) async fn probe_fresh(
+        &self,
+        bound: Duration,
+        progress: &Progress,
+    ) -> Result<(), Error> {
+        let timed_out = || Error::QueryTimeout {
+            op: "probe",
+            after: bound,
+        };
+        let (connector, pg_config) = &*self.prober;
+        progress.set(Stage::Connecting);
+        let (client, _task) = tokio::time::timeout(bound, connector.connect(pg_config))
+            .await
+            .map_err(|_| timed_out())??;
+        progress.set(Stage::Fresh);
+        tokio::time::timeout(bound, client.simple_query("SELECT 1"))
+            .await
+            .map_err(|_| timed_out())??;
+        Ok(())
     }
 
     /// The pool's figures now.
@@ -181,8 +344,8 @@ impl SessionPool {
             size: s.size,
             idle: s.available,
             in_use: s.size.saturating_sub(s.available),
-            waiting: s.waiting,
-            max: s.max_size,
+            waiting: s.waiting + self.gate.waiting.load(Ordering::Relaxed),
+            max: self.gate.max(),
             opened_total: self.shared.opened_total.load(Ordering::Relaxed),
         }
     }
@@ -212,9 +375,23 @@ impl SessionPool {
         self.shared.startup_options.load(Ordering::Relaxed)
     }
 
-    /// Changes the maximum size (the self-sizing pool).
-    pub(crate) fn resize(&self, max: usize) {
-        self.pool.resize(max);
+    /// Changes the maximum size from `from` to `to` (the self-sizing
+    /// pool), unless it moved meanwhile (a refusal lowered it: that wins).
+    /// Idle connections beyond the new size are closed at once; busy ones
+    /// stay until the idle timeout closes them.
+    pub(crate) fn resize(&self, from: usize, to: usize) -> bool {
+        if !self.gate.resize(from, to) {
+            return false;
+        }
+        let mut excess = self.pool.status().size.saturating_sub(to);
+        if excess > 0 {
+            self.pool.retain(|_, _| {
+                let keep = excess == 0;
+                excess = excess.saturating_sub(1);
+                keep
+            });
+        }
+        true
     }
 
     /// One maintenance pass: closes connections idle for longer than the idle
@@ -237,7 +414,7 @@ impl SessionPool {
         if removed > 0 {
             tracing::debug!(target: "session_pool", removed, "closed idle connections");
         }
-        if self.pool.status().size < self.min_idle
+        if self.pool.status().size < self.warm_target()
             && !self.shared.warming.swap(true, Ordering::AcqRel)
         {
             let pool = self.clone();
@@ -250,9 +427,16 @@ impl SessionPool {
         }
     }
 
+    /// The warm minimum, within the size in force (a server at its limit
+    /// may leave room for fewer).
+    fn warm_target(&self) -> usize {
+        self.min_idle.min(self.gate.max())
+    }
+
     async fn warm(&self) -> Result<(), Error> {
         let mut held = Vec::new();
-        while self.pool.status().size < self.min_idle && held.len() < self.min_idle {
+        let target = self.warm_target();
+        while self.pool.status().size < target && held.len() < target {
             held.push(self.checkout().await?);
         }
         for conn in held {
@@ -264,7 +448,227 @@ impl SessionPool {
     /// Closes the pool: waiting and future checkouts fail, open connections
     /// are dropped as they come back.
     pub(crate) fn close(&self) {
+        self.gate.permits.close();
         self.pool.close();
+    }
+}
+
+/// One probe under way, until dropped.
+#[derive(Debug)]
+pub(crate) struct ProbeSlot(Arc<Shared>);
+
+impl Drop for ProbeSlot {
+    fn drop(&mut self) {
+        self.0.probes.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How long a server that refuses connections (53300) must stay quiet
+/// before the next refusal is warned of again: a pool at the limit is
+/// refused again at every attempt to grow, and one warning says it all.
+const REFUSAL_QUIET: Duration = Duration::from_secs(600);
+
+/// First pause before asking again a server that refused the only
+/// connection the pool would have had.
+const REFUSED_PAUSE: Duration = Duration::from_millis(50);
+
+/// Whether the server refused the connection for lack of slots (its
+/// `max_connections`, or the role's or database's `CONNECTION LIMIT`).
+fn out_of_slots(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::TOO_MANY_CONNECTIONS)
+}
+
+/// How far one attempt got: what a failure at that point says about the
+/// database. Failing to open a connection, or on one just opened, says it
+/// is away; a statement failing on a reused connection may only show that
+/// this connection died while idle (its backend was terminated, the server
+/// or a middlebox closed it), and waiting for a slot says the pool is busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Stage {
+    /// Not in an attempt (between retries).
+    Idle = 0,
+    /// Waiting for a slot in the pool.
+    Waiting = 1,
+    /// Taking an idle connection or opening a new one.
+    Connecting = 2,
+    /// Running on a connection opened for this attempt.
+    Fresh = 3,
+    /// Running on a connection that served earlier operations.
+    Reused = 4,
+}
+
+impl Stage {
+    /// Whether a failure at this stage met the database itself: opening a
+    /// connection, or on a connection just opened.
+    pub(crate) fn opening(self) -> bool {
+        matches!(self, Stage::Connecting | Stage::Fresh)
+    }
+}
+
+/// The [`Stage`] of an attempt, shared with whoever judges its failure
+/// (also after a deadline dropped the attempt midway).
+#[derive(Debug, Default)]
+pub(crate) struct Progress(AtomicU8);
+
+impl Progress {
+    pub(crate) fn set(&self, stage: Stage) {
+        self.0.store(stage as u8, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stage(&self) -> Stage {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Stage::Waiting,
+            2 => Stage::Connecting,
+            3 => Stage::Fresh,
+            4 => Stage::Reused,
+            _ => Stage::Idle,
+        }
+    }
+
+    /// The stage, which goes back to [`Stage::Idle`].
+    pub(crate) fn take(&self) -> Stage {
+        let stage = self.stage();
+        self.set(Stage::Idle);
+        stage
+    }
+}
+
+/// The pool's maximum size in force. Deadpool's own `resize` cannot lower
+/// it for real: it takes back only the permits of idle connections beyond
+/// the new size, so a pool of 10 resized to 2 while it held 2 would still
+/// open 8 more, each refused by a server at its limit. Deadpool's maximum
+/// stays at the ceiling, and a checkout first passes this gate.
+#[derive(Debug)]
+struct Gate {
+    permits: Semaphore,
+    max: AtomicUsize,
+    /// Permits to retire when they come back: the maximum was lowered
+    /// while they were out.
+    owed: AtomicUsize,
+    /// Callers waiting for a permit.
+    waiting: AtomicUsize,
+    /// Serialises changes of the maximum.
+    resizing: Mutex<()>,
+}
+
+/// A caller's place under the gate, given back when dropped.
+#[derive(Debug)]
+struct Pass(Arc<Gate>);
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+impl Gate {
+    fn new(max: usize) -> Gate {
+        Gate {
+            permits: Semaphore::new(max),
+            max: AtomicUsize::new(max),
+            owed: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            resizing: Mutex::new(()),
+        }
+    }
+
+    fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Waits for a place until `deadline`.
+    async fn enter(
+        self: &Arc<Self>,
+        deadline: tokio::time::Instant,
+        wait: Duration,
+    ) -> Result<Pass, Error> {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let acquired = match self.permits.try_acquire() {
+            Ok(permit) => Ok(permit),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                let _waiting = Waiting(&self.waiting);
+                match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
+                    Ok(Ok(permit)) => Ok(permit),
+                    Ok(Err(_)) => return Err(Error::Closed),
+                    Err(_) => Err(Error::AcquireTimeout(wait)),
+                }
+            }
+        };
+        let permit = acquired?;
+        permit.forget();
+        Ok(Pass(self.clone()))
+    }
+
+    fn leave(&self) {
+        let retired = self
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                owed.checked_sub(1)
+            })
+            .is_ok();
+        if !retired {
+            self.permits.add_permits(1);
+        }
+    }
+
+    /// Lowers the maximum to `to`, if it is higher. Returns the maximum
+    /// before.
+    fn lower_to(&self, to: usize) -> usize {
+        let _resizing = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        let from = self.max();
+        if to < from {
+            self.set(from, to);
+        }
+        from
+    }
+
+    /// Moves the maximum from `from` to `to`; false if it is not `from`.
+    fn resize(&self, from: usize, to: usize) -> bool {
+        let _resizing = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        if self.max() != from {
+            return false;
+        }
+        self.set(from, to);
+        true
+    }
+
+    fn set(&self, from: usize, to: usize) {
+        self.max.store(to, Ordering::Relaxed);
+        if to > from {
+            let more = to - from;
+            // Permits still owed need only not be retired.
+            let owed = self
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                    Some(owed.saturating_sub(more))
+                })
+                .unwrap_or(0);
+            self.permits.add_permits(more - owed.min(more));
+        } else if to < from {
+            let fewer = from - to;
+            // Owed first, so that a place given back meanwhile is retired
+            // rather than handed out again.
+            self.owed.fetch_add(fewer, Ordering::AcqRel);
+            let taken = self.permits.forget_permits(fewer);
+            let mut surplus = 0;
+            let _ = self
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                    surplus = taken.saturating_sub(owed);
+                    Some(owed.saturating_sub(taken))
+                });
+            // Places given back meanwhile paid part of the debt that the
+            // permits taken paid again.
+            self.permits.add_permits(surplus);
+        }
     }
 }
 
@@ -280,6 +684,10 @@ pub(crate) struct Checkout {
     /// transaction on another server connection, where a named prepared
     /// statement does not exist).
     unnamed: bool,
+    /// Opened for this checkout.
+    fresh: bool,
+    /// The place under the gate; dropped after the connection went back.
+    _pass: Pass,
 }
 
 /// Parameters of a statement, with the types they are sent as.
@@ -296,6 +704,13 @@ impl Checkout {
     /// Whether statements go unnamed (behind a transaction pooler).
     pub(crate) fn is_pooled(&self) -> bool {
         self.unnamed
+    }
+
+    /// Whether the connection was opened for this checkout (a failure on
+    /// it says more about the database than one on a connection that sat
+    /// idle in the pool).
+    pub(crate) fn is_fresh(&self) -> bool {
+        self.fresh
     }
 
     /// Runs `sql` and returns its one row, if any: a cached prepared
@@ -408,6 +823,7 @@ type ConnectFuture<'a> = Pin<
 >;
 
 /// Opens connections for the pool.
+#[derive(Clone)]
 struct SessionConnector {
     tls: MakeRustlsConnect,
     shared: Arc<Shared>,
@@ -549,4 +965,56 @@ fn refuses_startup_options(error: &tokio_postgres::Error) -> bool {
         message.contains("unsupported startup parameter")
             || (message.contains("options") && message.contains("parameter"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes a place if one is free now.
+    async fn enter_now(gate: &Arc<Gate>) -> Option<Pass> {
+        gate.enter(tokio::time::Instant::now(), Duration::ZERO)
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn a_lowered_maximum_holds_while_places_are_out() {
+        let gate = Arc::new(Gate::new(5));
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            out.push(enter_now(&gate).await.expect("a free place"));
+        }
+        assert_eq!(gate.lower_to(2), 5);
+        assert_eq!(gate.max(), 2);
+        assert!(enter_now(&gate).await.is_none(), "3 out, maximum 2");
+        out.pop();
+        assert!(enter_now(&gate).await.is_none(), "2 out, maximum 2");
+        out.pop();
+        let again = enter_now(&gate).await.expect("1 out, maximum 2");
+        assert!(enter_now(&gate).await.is_none());
+        // Growing adds exactly the difference.
+        assert!(gate.resize(2, 4));
+        let more = [enter_now(&gate).await, enter_now(&gate).await];
+        assert!(more.iter().all(Option::is_some));
+        assert!(enter_now(&gate).await.is_none(), "4 out, maximum 4");
+        drop((again, more, out));
+        assert_eq!(gate.permits.available_permits(), 4);
+    }
+
+    #[tokio::test]
+    async fn growing_pays_what_a_lowering_still_owes() {
+        let gate = Arc::new(Gate::new(2));
+        let out = [enter_now(&gate).await, enter_now(&gate).await];
+        gate.lower_to(1);
+        assert!(gate.resize(1, 3));
+        let third = enter_now(&gate).await.expect("2 out, maximum 3");
+        assert!(enter_now(&gate).await.is_none());
+        drop((out, third));
+        assert_eq!(gate.permits.available_permits(), 3);
+        // A resize from a maximum that moved meanwhile is not applied.
+        assert!(!gate.resize(2, 6));
+        assert_eq!(gate.lower_to(4), 3, "lowering only lowers");
+        assert_eq!(gate.max(), 3);
+    }
 }

@@ -680,6 +680,26 @@ pub(crate) fn row_expire(
     }
 }
 
+/// A session as stored: its document (the `sess` column, JSON text) and
+/// when it expires.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    /// The `sess` column, as text.
+    pub json: String,
+    /// The `expire` column, in UTC.
+    pub expire: OffsetDateTime,
+}
+
+impl std::fmt::Debug for StoredSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Session documents hold user data: show their size only.
+        f.debug_struct("StoredSession")
+            .field("json_bytes", &self.json.len())
+            .field("expire", &self.expire)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -83,6 +83,12 @@ impl fmt::Display for Identifier {
 /// The current time in UTC as a `timestamp` (no time zone), on the server.
 const NOW_UTC: &str = "(now() AT TIME ZONE 'UTC')";
 
+/// SHA-256 (hex) of a row's document as stored: `json` keeps its text as
+/// written (by this store or by connect-pg-simple), so this is the digest
+/// of the exact text the writer sent, which the journal computes the same
+/// way.
+const DOC_DIGEST: &str = "encode(sha256(convert_to(sess::text, 'UTF8')), 'hex')";
+
 /// Every statement the store sends, built once from the table's name.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
@@ -100,6 +106,20 @@ pub(crate) struct Statements {
     pub(crate) count_expired: String,
     pub(crate) clear: String,
     pub(crate) prune_batch: String,
+    /// Write-back of a session created during an outage: only if its id
+    /// is still free.
+    pub(crate) writeback_insert: String,
+    /// Write-back of a save: only if the row holds one of the documents
+    /// (SHA-256, hex) it was based on.
+    pub(crate) writeback_update: String,
+    /// Write-back of a touch: never shortens an expiry set meanwhile, and
+    /// never brings back a destroyed session.
+    pub(crate) writeback_touch: String,
+    /// The SHA-256 of a row's document, to name a conflict.
+    pub(crate) row_digest: String,
+    /// Terminates this application's statements that started before a
+    /// moment `$1` seconds ago and still run; returns how many there were.
+    pub(crate) settle_in_doubt: String,
     pub(crate) table_exists: String,
     pub(crate) create_schema: String,
     pub(crate) create_table: String,
@@ -147,6 +167,31 @@ impl Statements {
                 "DELETE FROM {t} WHERE sid = ANY(ARRAY(\
                  SELECT sid FROM {t} WHERE expire < {NOW_UTC} LIMIT $1 FOR UPDATE SKIP LOCKED))"
             ),
+            writeback_insert: format!(
+                "INSERT INTO {t} (sid, sess, expire) VALUES ($1, $2::text::json, $3) \
+                 ON CONFLICT (sid) DO NOTHING"
+            ),
+            writeback_update: format!(
+                "UPDATE {t} SET sess = $2::text::json, expire = $3 \
+                 WHERE sid = $1 AND {DOC_DIGEST} = ANY($4::text[])"
+            ),
+            writeback_touch: format!(
+                "UPDATE {t} SET expire = GREATEST(expire, $2) WHERE sid = $1"
+            ),
+            row_digest: format!("SELECT {DOC_DIGEST} FROM {t} WHERE sid = $1"),
+            // Matching by role, database and application name, not by
+            // process id: after a restart or a failover the ids of the
+            // statements sent are meaningless, and the start time (on the
+            // server's clock, compared with an age measured on ours)
+            // keeps today's statements out.
+            settle_in_doubt: "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)), count(*) \
+                 FROM pg_stat_activity \
+                 WHERE pid <> pg_backend_pid() AND usename = current_user \
+                 AND datname = current_database() \
+                 AND application_name = current_setting('application_name') \
+                 AND state = 'active' \
+                 AND query_start <= now() - make_interval(secs => $1)"
+                .into(),
             table_exists: "SELECT to_regclass($1) IS NOT NULL".into(),
             create_schema: format!("CREATE SCHEMA IF NOT EXISTS {}", schema.quoted()),
             create_table: format!(

@@ -1,7 +1,9 @@
 //! The self-sizing pool: grows by steps while callers keep waiting for a
-//! connection, up to a ceiling (never past what the server's
-//! `max_connections` leaves free), and shrinks back to the configured size
-//! once connections have stayed idle for the idle timeout.
+//! connection, up to a ceiling (never past what the server would accept:
+//! the role's and the database's `CONNECTION LIMIT` and `max_connections`
+//! less its reserved slots, each less the connections already open), and
+//! shrinks back to the configured size once connections have stayed idle
+//! for the idle timeout.
 
 use std::time::Duration;
 
@@ -24,12 +26,6 @@ impl Resize {
         match self {
             Resize::Grow { .. } => "up",
             Resize::Shrink { .. } => "down",
-        }
-    }
-
-    pub(crate) fn to(self) -> usize {
-        match self {
-            Resize::Grow { to, .. } | Resize::Shrink { to, .. } => to,
         }
     }
 }
@@ -64,7 +60,8 @@ impl Sizer {
     }
 
     /// One observation; `server_free` is how many more connections the
-    /// server would accept, when known.
+    /// server would accept, when known. The pool may hold what it has open
+    /// plus that: a maximum above it would only be refused (53300).
     pub(crate) fn observe(
         &mut self,
         pool: PoolStatus,
@@ -73,7 +70,7 @@ impl Sizer {
         if pool.waiting > 0 {
             self.idle_ticks = 0;
             self.waiting_ticks += 1;
-            let room = server_free.map_or(usize::MAX, |free| pool.max + free);
+            let room = server_free.map_or(usize::MAX, |free| pool.size.saturating_add(free));
             let ceiling = self.ceiling.min(room);
             if self.waiting_ticks >= WAITING_TICKS && pool.max < ceiling {
                 self.waiting_ticks = 0;
@@ -156,6 +153,24 @@ mod tests {
         );
         s.observe(status(5, 5, 3), Some(0));
         assert_eq!(s.observe(status(5, 5, 3), Some(0)), None);
+    }
+
+    #[test]
+    fn room_is_counted_from_the_connections_open_not_the_maximum() {
+        // A maximum of 5 with 2 open, at a server that takes no more: the
+        // limit is 2, already passed; no growth however long callers wait.
+        let mut s = sizer();
+        for _ in 0..4 {
+            assert_eq!(s.observe(status(5, 2, 30), Some(0)), None);
+        }
+        // Two open under a maximum of 1 (lowered at a refusal while a third
+        // was being opened): the pool may use both.
+        let mut s = sizer();
+        s.observe(status(1, 2, 30), Some(0));
+        assert_eq!(
+            s.observe(status(1, 2, 30), Some(0)),
+            Some(Resize::Grow { from: 1, to: 2 })
+        );
     }
 
     #[test]

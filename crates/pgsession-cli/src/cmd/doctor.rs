@@ -1205,17 +1205,13 @@ impl Doctor {
     /// The settings in force on a connection of the session pool itself.
     async fn pool(&mut self) {
         let started = Instant::now();
-        let spool = std::env::temp_dir().join(format!(
-            "pgsession-doctor-{}-nothing-spooled",
-            std::process::id()
-        ));
-        // The same settings, but never create the table, never touch a
-        // server's spool files.
+        // The same settings, but never create the table, and no fallback:
+        // no journal file of its own, none of a server's adopted.
         let config = self
             .builder
             .clone()
             .create_table(false)
-            .spool_dir(&spool)
+            .fallback(false)
             .build();
         let config = match config {
             Ok(config) => config,

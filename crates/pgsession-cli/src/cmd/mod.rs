@@ -11,6 +11,7 @@ use crate::args::{Command, StoreArgs};
 use crate::UsageError;
 
 pub(crate) mod doctor;
+pub(crate) mod journal;
 pub(crate) mod migrate;
 pub(crate) mod prune;
 pub(crate) mod serve;
@@ -22,6 +23,7 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate(args) => migrate::run(args).await,
         Command::Prune(args) => prune::run(args).await,
         Command::Doctor(args) => doctor::run(args).await,
+        Command::Journal(args) => journal::run(args).await,
     }
 }
 
@@ -36,7 +38,9 @@ pub(crate) fn store_for_command(
             UsageError::new("no database given: set DATABASE_URL or pass --database-url").into(),
         );
     }
-    let config = adjust(args.builder()?).build()?;
+    // One-shot commands keep no fallback: they journal nothing, and must
+    // not adopt the journal files of a server that died in this directory.
+    let config = adjust(args.builder()?.fallback(false)).build()?;
     Store::new(config).context("cannot create the session store")
 }
 

@@ -4,14 +4,15 @@
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::record::RecordError;
-use crate::Error;
+use crate::{Error, ErrorKind};
 
 /// A session operation failed.
 ///
-/// As a response: 503 with `Retry-After: 1` when the store is unavailable,
-/// 413 when the session is over its size limit, 500 otherwise; each with a
-/// JSON body `{"error": "..."}`. An application that wants to go on without
-/// a session can match on it instead.
+/// As a response: 503 with `Retry-After: 1` when the store is unavailable
+/// (see [`SessionError::status`]), 413 when the session is over its size
+/// limit, 500 otherwise; each with a JSON body `{"error": "..."}`. An
+/// application that wants to go on without a session can match on it
+/// instead.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SessionError {
@@ -42,12 +43,30 @@ impl From<RecordError> for SessionError {
 
 impl SessionError {
     /// The status this error answers with.
+    ///
+    /// 503 (with `Retry-After`) whenever the store cannot serve now with
+    /// nothing wrong in the request: a transient failure (the database away
+    /// or busy, the pool saturated), a journal that cannot take a write
+    /// while the database is away, and a configuration error, whether the
+    /// database reports it (a certificate, TLS, a password, a missing
+    /// database) or the store found it (a missing table with
+    /// `create_table` off). Each of those is mended outside the request (a
+    /// password reset, a certificate renewed, `pgsession migrate`), the
+    /// store serves again by itself once it is, and `/health` names the
+    /// setting meanwhile: to the client it is an unavailable service, not a
+    /// failed one. 500 is left for what no waiting mends.
     pub fn status(&self) -> StatusCode {
         match self {
             SessionError::Store(Error::TooLarge { .. }) | SessionError::TooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            SessionError::Store(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            SessionError::Store(e)
+                if e.is_transient()
+                    || e.config_hint().is_some()
+                    || e.kind() == ErrorKind::Journal =>
+            {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             SessionError::Store(_) | SessionError::Value(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -85,5 +104,46 @@ impl axum::response::IntoResponse for SessionError {
             tracing::warn!(target: "session_store", error = %self, "session unavailable for this request");
         }
         self.to_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn status(error: Error) -> StatusCode {
+        SessionError::Store(error).status()
+    }
+
+    #[test]
+    fn what_no_request_caused_is_a_503_and_the_rest_a_500() {
+        let unavailable = [
+            Error::Unavailable,
+            Error::AcquireTimeout(Duration::from_secs(1)),
+            Error::JournalUnavailable {
+                reason: "full".to_owned(),
+            },
+            Error::Config(crate::ConfigError::invalid(
+                "create_table",
+                "the table is missing",
+            )),
+            Error::Batched(std::sync::Arc::new(Error::Unavailable)),
+        ];
+        for error in unavailable {
+            let text = error.to_string();
+            let response: Response<String> = SessionError::Store(error).to_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{text}");
+            assert!(
+                response.headers().contains_key(header::RETRY_AFTER),
+                "{text}"
+            );
+        }
+        assert_eq!(status(Error::Closed), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            status(Error::TooLarge { size: 2, limit: 1 }),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
     }
 }

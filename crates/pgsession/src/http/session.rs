@@ -161,6 +161,10 @@ impl Session {
     }
 
     /// Deletes the session and clears the cookie (logout).
+    ///
+    /// The response clears the cookie even when the store fails (and the
+    /// error answers 503): a client that asked to log out never keeps a
+    /// cookie from this response on.
     pub async fn destroy(&self) -> Result<(), SessionError> {
         let mut state = self.shared.state.lock().await;
         let stored = match (&state.id, state.is_new, &self.shared.incoming) {
@@ -168,15 +172,16 @@ impl Session {
             (None, _, Some(incoming)) if !state.loaded => Some(incoming.sid.clone()),
             _ => None,
         };
-        if let Some(id) = stored {
-            self.shared.backend.destroy(id.as_str()).await?;
-        }
+        let result = match stored {
+            Some(id) => self.shared.backend.destroy(id.as_str()).await,
+            None => Ok(()),
+        };
         *state = State {
             loaded: true,
             destroyed: true,
             ..State::default()
         };
-        Ok(())
+        Ok(result?)
     }
 
     /// The state with the session loaded (one read, the first time).

@@ -283,6 +283,19 @@ async fn destroy_removes_the_row_and_clears_the_cookie() {
 }
 
 #[tokio::test]
+async fn a_logout_the_store_cannot_take_still_clears_the_cookie() {
+    let backend = Counting::default();
+    let layer = SessionLayer::new(backend.clone(), secrets());
+    let first = call(&layer, Action::Increment, None).await;
+    let cookie = cookie_pair(&set_cookie(&first).unwrap());
+    backend.fail.store(true, Ordering::SeqCst);
+    let response = call(&layer, Action::Destroy, Some(&cookie)).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let cleared = set_cookie(&response).expect("removal cookie on the 503 too");
+    assert!(cleared.starts_with("connect.sid=;"), "{cleared}");
+}
+
+#[tokio::test]
 async fn bad_cookies_mean_no_session_and_are_never_adopted() {
     let backend = Counting::default();
     let layer = SessionLayer::new(backend.clone(), secrets());

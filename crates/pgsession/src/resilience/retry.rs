@@ -43,8 +43,11 @@ pub(crate) fn background_backoff(first: Duration) -> impl Iterator<Item = Durati
 }
 
 /// Runs `attempt` until it succeeds, fails permanently, or `deadline`
-/// passes (then the operation fails with [`Error::QueryTimeout`], and
-/// whatever query was in flight is cancelled by dropping its checkout).
+/// passes. When the deadline would pass during the wait before the next
+/// attempt, the last attempt's own error is returned at once: it was
+/// answered, and it says what the database is (away, busy). Only an attempt
+/// still in flight at the deadline ends in [`Error::QueryTimeout`] (its
+/// query cancelled by dropping its checkout): that one may still commit.
 ///
 /// `on_error` sees every failed attempt. [`Error::Unavailable`] (the breaker
 /// opened meanwhile) and [`Error::AcquireTimeout`] end the retries at once.
@@ -58,9 +61,13 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
+    let give_up = tokio::time::Instant::now() + deadline;
     let retried = attempt
         .retry(operation_backoff())
         .sleep(tokio::time::sleep)
+        .adjust(move |_: &Error, delay: Option<Duration>| {
+            delay.filter(|d| tokio::time::Instant::now() + *d < give_up)
+        })
         .when(|error: &Error| {
             on_error(error);
             // An acquire timeout is not retried: the pool is saturated, and

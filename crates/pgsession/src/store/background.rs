@@ -1,25 +1,51 @@
 //! The store's background work: start-up, pool upkeep, health checks, and
-//! the recovery that probes the database while the breaker is open, writes
-//! the journal back in order, and closes the breaker; plus the spool file
-//! that carries the journal across a restart.
+//! the recovery that probes the database while the breaker is open, has
+//! the journal written back (`writeback.rs`), closes the breaker, and
+//! adopts the journal files of stores that died.
 
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 
-use super::{Store, StoredSession};
-use crate::error::Error;
+use super::Store;
 use crate::health::CheckResult;
 use crate::resilience::breaker::BreakerState;
-use crate::resilience::fallback::Pending;
-use crate::resilience::{retry, spool};
+use crate::resilience::retry;
 use crate::sizing::{Resize, Sizer};
 
 /// How often the pool is tended (idle connections, warm minimum, size).
 const UPKEEP_TICK: Duration = Duration::from_millis(500);
 
+/// Connections the server would still accept from this role in this
+/// database (see [`Store::refresh_server_free`]). `reserved_connections`
+/// exists from PostgreSQL 16 on; `LEAST` ignores the limits that are off.
+/// Another role's sessions show no `backend_type` to a role without
+/// `pg_read_all_stats`: any with a user is counted as a client, which can
+/// only make the ceiling lower.
+const SERVER_FREE: &str = "\
+    WITH me AS (SELECT oid, rolsuper, rolconnlimit FROM pg_roles WHERE rolname = session_user), \
+         db AS (SELECT oid, datconnlimit FROM pg_database WHERE datname = current_database()), \
+         clients AS (SELECT usesysid, datid FROM pg_stat_activity \
+                     WHERE backend_type = 'client backend' \
+                        OR (backend_type IS NULL AND usesysid IS NOT NULL)) \
+    SELECT LEAST( \
+        CASE WHEN me.rolconnlimit >= 0 AND NOT me.rolsuper THEN \
+            me.rolconnlimit - (SELECT count(*) FROM clients WHERE usesysid = me.oid) END, \
+        CASE WHEN db.datconnlimit >= 0 AND NOT me.rolsuper THEN \
+            db.datconnlimit - (SELECT count(*) FROM clients WHERE datid = db.oid) END, \
+        current_setting('max_connections')::int \
+            - CASE WHEN me.rolsuper THEN 0 ELSE \
+                current_setting('superuser_reserved_connections')::int \
+                + coalesce(current_setting('reserved_connections', true)::int, 0) END \
+            - (SELECT count(*) FROM clients) \
+    )::int FROM me, db";
+
 /// How often the recovery looks at the breaker and the journal.
 const RECOVERY_TICK: Duration = Duration::from_millis(100);
+
+/// How often the journal directory is searched for the files of stores
+/// that died while this one runs (each search is one directory listing).
+const ADOPT_EVERY: Duration = Duration::from_secs(5);
 
 impl Store {
     /// The start-up sequence: a first attempt, the start-up retries, then
@@ -42,6 +68,13 @@ impl Store {
                     self.run_check().await;
                     return;
                 }
+                // Logged at ERROR, once, by `ensure_schema`: the database
+                // answered, and said the configuration is wrong.
+                Err(e) if e.config_hint().is_some() => tracing::debug!(
+                    target: "session_store",
+                    attempt, error = %e,
+                    "start-up met a configuration error; retrying in case it is mended"
+                ),
                 Err(e) if attempt < total => tracing::warn!(
                     target: "session_store",
                     attempt, of = total, error = %e,
@@ -60,7 +93,11 @@ impl Store {
         }
     }
 
-    /// Pool upkeep: idle connections closed, the warm minimum kept open.
+    /// Pool upkeep: idle connections closed, the warm minimum kept open,
+    /// the size adjusted (see [`Sizer`]). After the server refused a
+    /// connection for lack of slots, it is taken to have none free until a
+    /// health check counts them again, so the pool does not grow back into
+    /// the limit it just met.
     pub(super) async fn upkeep(self) {
         let config = &self.inner.config;
         let period = UPKEEP_TICK;
@@ -78,13 +115,30 @@ impl Store {
                 _ = tick.tick() => {}
             }
             self.inner.pool.maintain();
+            if self.inner.pool.take_refused() {
+                self.inner
+                    .server_free
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let Some(kept) = self.inner.pool.take_announcement() {
+                self.inner.events.push(
+                    "pool_limit",
+                    format!(
+                        "the server refuses more connections (53300): the pool keeps to {kept}; \
+                         lower the pool size or raise the limit"
+                    ),
+                );
+            }
             let free = self
                 .inner
                 .server_free
                 .load(std::sync::atomic::Ordering::Relaxed);
             let free = (free != usize::MAX).then_some(free);
             if let Some(resize) = sizer.observe(self.pool_status(), free) {
-                self.inner.pool.resize(resize.to());
+                let (Resize::Grow { from, to } | Resize::Shrink { from, to }) = resize;
+                if !self.inner.pool.resize(from, to) {
+                    continue; // a refusal lowered it meanwhile
+                }
                 metrics::counter!("pgsession_pool_resizes_total", "direction" => resize.direction()).increment(1);
                 let message = match resize {
                     Resize::Grow { from, to } => {
@@ -105,16 +159,22 @@ impl Store {
     pub(super) async fn recover(self) {
         let mut tick = tokio::time::interval(RECOVERY_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_adoption = Instant::now();
         loop {
             tokio::select! {
                 () = self.inner.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            if last_adoption.elapsed() >= ADOPT_EVERY {
+                last_adoption = Instant::now();
+                self.adopt_orphans().await;
+            }
             let breaker = &self.inner.breaker;
             match breaker.state() {
                 BreakerState::Closed if self.journal_len() > 0 => {
-                    // Entries from a spool file, or writes whose direct
-                    // attempt failed without opening the breaker.
+                    // Entries adopted from a store that died, or writes
+                    // journaled when a direct attempt found the database
+                    // away before the breaker opened.
                     if let Err(e) = self.write_back().await {
                         tracing::debug!(target: "session_store", error = %e, "write-back interrupted");
                     }
@@ -130,7 +190,7 @@ impl Store {
                 BreakerState::HalfOpen => self.probe_and_write_back().await,
             }
             if self.journal_len() == 0 {
-                self.remove_claimed_spool();
+                self.inner.fallback.truncate_if_empty();
             }
         }
     }
@@ -156,52 +216,6 @@ impl Store {
                 self.breaker_moved(breaker.probe_failed(Instant::now()));
             }
         }
-    }
-
-    /// Writes the journal back, oldest first, each entry's latest state.
-    /// Stops at the first transient failure (the entry stays).
-    async fn write_back(&self) -> Result<(), Error> {
-        let deadline = self
-            .inner
-            .config
-            .query_timeout()
-            .min(Duration::from_secs(5));
-        let fallback = &self.inner.fallback;
-        let mut written = 0usize;
-        while let Some((seq, sid, write)) = fallback.oldest() {
-            let result = match &write {
-                Pending::Save { json, expire } => {
-                    self.db_save_with(&sid, json, *expire, deadline, true).await
-                }
-                Pending::Touch { expire } => self
-                    .db_touch_with(&sid, *expire, deadline, true)
-                    .await
-                    .map(drop),
-                Pending::Destroy => self.db_destroy_with(&sid, deadline, true).await,
-            };
-            match result {
-                Ok(()) => written += 1,
-                Err(e) if e.is_transient() || matches!(e, Error::Closed) => return Err(e),
-                Err(e) => tracing::error!(
-                    target: "session_store",
-                    error = %e,
-                    "a journaled write cannot be applied and is dropped"
-                ),
-            }
-            if let Pending::Save { json, expire } = write {
-                fallback.remember(&sid, StoredSession { json, expire });
-            }
-            fallback.written_back(seq, &sid);
-            metrics::gauge!("pgsession_journal_entries").set(fallback.journal_len() as f64);
-        }
-        if written > 0 {
-            tracing::info!(target: "session_store", written, "journal written back");
-            self.inner.events.push(
-                "journal",
-                format!("{written} journaled sessions written back"),
-            );
-        }
-        Ok(())
     }
 
     /// Every health-check interval: a timed `SELECT 1`, pool statistics,
@@ -236,11 +250,14 @@ impl Store {
         }
     }
 
-    /// One health check; its result feeds the breaker.
+    /// One health check; its result feeds the breaker (one failure event
+    /// at most, judged as an operation's, see [`Store::count_failure`]),
+    /// and a success clears a configuration error.
     pub(super) async fn run_check(&self) -> CheckResult {
         let config = &self.inner.config;
         let started = Instant::now();
-        let result = self.ping(config.connect_budget()).await;
+        let progress = crate::pool::Progress::default();
+        let result = self.ping_tracked(config.connect_budget(), &progress).await;
         let elapsed = started.elapsed();
         metrics::gauge!("pgsession_health_check_seconds").set(elapsed.as_secs_f64());
         metrics::histogram!("pgsession_query_seconds", "op" => "health").record(elapsed);
@@ -250,13 +267,20 @@ impl Store {
             latency_ms: elapsed.as_secs_f64() * 1000.0,
             ok: result.is_ok() && !slow,
         };
+        if result.is_ok() {
+            self.inner.config_problem.clear();
+        }
         match result {
             Err(e) => {
                 tracing::warn!(target: "session_pool", error = %e, latency_ms = check.latency_ms, "health check failed");
                 self.inner
                     .events
                     .push("check_failed", format!("health check failed: {e}"));
-                self.count_failure(&e);
+                let stage = progress.stage();
+                self.count_failure(&e, stage);
+                if stage == crate::pool::Stage::Reused && e.kind() == crate::ErrorKind::Timeout {
+                    self.probe_after_timeout();
+                }
             }
             Ok(()) if slow => {
                 tracing::warn!(
@@ -280,11 +304,13 @@ impl Store {
     }
 
     /// Asks the server how many more connections it would accept, for the
-    /// self-sizing pool's ceiling.
+    /// self-sizing pool's ceiling: the least of what the role's `CONNECTION
+    /// LIMIT`, the database's, and `max_connections` less its reserved
+    /// slots leave, each less the connections already counted against it
+    /// (this pool's included). A superuser is bound by `max_connections`
+    /// alone, as the server binds it.
     pub(super) async fn refresh_server_free(&self) {
-        let sql = "SELECT current_setting('max_connections')::int \
-                   - current_setting('superuser_reserved_connections')::int \
-                   - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int";
+        let sql = SERVER_FREE;
         let free = self
             .run_db(
                 "health",
@@ -301,93 +327,6 @@ impl Store {
             self.inner
                 .server_free
                 .store(free.max(0) as usize, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// At start-up: takes back the journal an earlier run spooled.
-    pub(super) fn restore_spool(&self) {
-        let dir = self.inner.config.spool_dir();
-        let (claimed, damaged) = spool::claim_all(dir, &self.inner.sql.lock_name);
-        for error in damaged {
-            tracing::error!(target: "session_store", "{error}");
-            self.inner.events.push("spool", error.to_string());
-        }
-        let mut paths = self
-            .inner
-            .claimed_spool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for file in claimed {
-            let count = file.entries.len();
-            tracing::info!(
-                target: "session_store",
-                path = %file.path.display(),
-                entries = count,
-                "read back a spooled journal; it is written back as soon as the database answers"
-            );
-            self.inner
-                .events
-                .push("spool", format!("{count} spooled sessions read back"));
-            self.inner.fallback.restore(file.entries);
-            paths.push(file.path);
-        }
-    }
-
-    fn remove_claimed_spool(&self) {
-        let mut paths = self
-            .inner
-            .claimed_spool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for path in paths.drain(..) {
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(target: "session_store", path = %path.display(), error = %e, "could not remove a written-back spool file");
-            }
-        }
-    }
-
-    /// At shutdown: one last write-back, and whatever is left goes to a
-    /// spool file.
-    pub(super) async fn flush_or_spool(&self) {
-        if self.journal_len() == 0 {
-            self.remove_claimed_spool();
-            return;
-        }
-        let attempt = self
-            .inner
-            .config
-            .connect_timeout()
-            .min(Duration::from_secs(5));
-        if tokio::time::timeout(attempt, self.ping(attempt))
-            .await
-            .is_ok_and(|r| r.is_ok())
-        {
-            let _ = tokio::time::timeout(attempt, self.write_back()).await;
-        }
-        if self.journal_len() == 0 {
-            self.remove_claimed_spool();
-            return;
-        }
-        let entries = self.inner.fallback.entries();
-        let dir = self.inner.config.spool_dir();
-        match spool::write(dir, &self.inner.sql.lock_name, &entries) {
-            Ok(path) => {
-                tracing::warn!(
-                    target: "session_store",
-                    path = %path.display(),
-                    entries = entries.len(),
-                    "the database is away: journal spooled to disk; the next start writes it back"
-                );
-                // The new file holds everything the claimed ones held.
-                self.remove_claimed_spool();
-            }
-            Err(e) => tracing::error!(
-                target: "session_store",
-                dir = %dir.display(),
-                entries = entries.len(),
-                error = %e,
-                "could not spool the journal: these session writes are lost"
-            ),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One operation on the database: a connection, the query, retries on
 //! transient errors within the deadline, and the breaker told of each
-//! failure. Also the creation of the table.
+//! failure event (see [`Store::count_failure`]). Also the creation of the
+//! table.
 
 use std::time::{Duration, Instant};
 
@@ -8,8 +9,8 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 
 use super::batch::Submitted;
 use super::{to_timestamp, Inner, Store, StoredSession};
-use crate::error::Error;
-use crate::pool::{Checkout, Params};
+use crate::error::{Error, ErrorKind};
+use crate::pool::{Checkout, Params, Progress, Stage};
 use crate::resilience::retry::{self, bounded};
 use tokio_postgres::types::{ToSql, Type};
 
@@ -36,31 +37,131 @@ impl Store {
             return Err(Error::Closed);
         }
         let breaker = &self.inner.breaker;
+        // How far the attempt under way got: it decides whether its failure
+        // (or the deadline, which may drop it midway) counts.
+        let progress = Progress::default();
         let on_error = |error: &Error| {
             if error.sql_state() == Some("26000") {
                 self.inner.pool.mark_pooled();
             }
-            self.count_failure(error);
+            self.count_failure(error, progress.take());
         };
-        let result = retry::retry_within(op, deadline, on_error, || async {
+        let result = retry::retry_within(op, deadline, &on_error, || async {
             if !bypass_breaker && !breaker.is_closed() {
                 return Err(Error::Unavailable);
             }
-            self.ensure_schema().await?;
-            let conn = self.inner.pool.checkout().await?;
-            let (conn, result) = query(conn).await;
-            conn.finish(&result);
-            result
+            self.ensure_schema_tracked(&progress).await?;
+            self.attempt(op, &query, &progress).await
         })
         .await;
         match &result {
-            Ok(_) => breaker.record_success(),
+            Ok(_) => {
+                breaker.record_success();
+                self.inner.config_problem.clear();
+            }
             // The deadline passed without an answer: as much a failure as a
-            // refused connection (a blackholed link fails no other way).
-            Err(e @ Error::QueryTimeout { .. }) => on_error(e),
+            // refused connection when it met the opening of one (a
+            // blackholed link fails no other way).
+            Err(e @ Error::QueryTimeout { .. }) => {
+                let reused = progress.stage() == Stage::Reused;
+                on_error(e);
+                if reused {
+                    self.probe_after_timeout();
+                }
+            }
             Err(_) => {}
         }
         result
+    }
+
+    /// A statement timed out on a reused connection: not counted, since a
+    /// busy database (a lock, a slow plan) looks the same from there. A
+    /// `SELECT 1` on a connection opened for the purpose tells the two
+    /// apart at once: in a blackhole the connect hangs as well, and counts;
+    /// a busy database answers it, and the breaker hears of a success.
+    /// Without it the breaker would learn of a blackhole only once the
+    /// connections that sat idle in the pool had each timed out in turn.
+    /// At most as many probes run at once as failures open the breaker.
+    pub(super) fn probe_after_timeout(&self) {
+        let config = &self.inner.config;
+        if !self.inner.breaker.is_closed() {
+            return; // the recovery probes instead
+        }
+        let Some(slot) = self
+            .inner
+            .pool
+            .probe_slot(config.breaker_threshold() as usize)
+        else {
+            return;
+        };
+        let bound = config.connect_budget().min(config.query_timeout());
+        self.spawn(move |store| async move {
+            let _slot = slot;
+            let progress = Progress::default();
+            let probed = tokio::select! {
+                () = store.inner.shutdown.cancelled() => return,
+                probed = store.inner.pool.probe_fresh(bound, &progress) => probed,
+            };
+            match probed {
+                Ok(()) => {
+                    store.inner.breaker.record_success();
+                    store.inner.config_problem.clear();
+                }
+                Err(e) => {
+                    tracing::debug!(target: "session_store", error = %e, "probe after a timeout failed");
+                    store.count_failure(&e, progress.stage());
+                }
+            }
+        });
+    }
+
+    /// One attempt: a connection and the query on it.
+    ///
+    /// A query that fails on a reused connection because that connection
+    /// is dead (its backend terminated, the link closed while idle) is run
+    /// again at once on another: each dead one is thrown away, so once the
+    /// pool has no more, the next is opened for it. One dead connection
+    /// says nothing of the database, and a backoff would only slow the
+    /// caller; a failure on a fresh connection goes to the retry's backoff.
+    async fn attempt<T, F, Fut>(
+        &self,
+        op: &'static str,
+        query: &F,
+        progress: &Progress,
+    ) -> Result<T, Error>
+    where
+        F: Fn(Checkout) -> Fut,
+        Fut: std::future::Future<Output = (Checkout, Result<T, Error>)>,
+    {
+        let mut dead = 0;
+        loop {
+            let conn = self.inner.pool.checkout_tracked(progress).await?;
+            let fresh = conn.is_fresh();
+            let (conn, result) = query(conn).await;
+            conn.finish(&result);
+            match result {
+                Err(e) if self.dead_reused(op, &e, fresh, &mut dead) => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether `error`, met on a connection (`fresh` or reused), shows only
+    /// that a reused connection was dead: then the caller tries another at
+    /// once, up to one per connection the pool may hold.
+    fn dead_reused(&self, op: &'static str, error: &Error, fresh: bool, dead: &mut usize) -> bool {
+        if fresh || !error.is_outage() || *dead > self.inner.config.pool_max_size() {
+            return false;
+        }
+        *dead += 1;
+        metrics::counter!("pgsession_retries_total", "op" => op).increment(1);
+        tracing::debug!(
+            target: "session_store",
+            op,
+            error = %error,
+            "a pooled connection was dead; trying again at once on another"
+        );
+        true
     }
 
     /// How long a batched request may wait for a batch slot: as long as
@@ -148,34 +249,63 @@ impl Store {
                     })
                     .collect()
             }
-            Err(e) => self.batch_failed(sids.len(), &e),
+            Err(e) => self.batch_failed(sids.len(), e),
         }
     }
 
-    /// Tells the breaker of a failure that says the database may be away
-    /// (a transient one, other than the breaker's own refusal).
-    pub(super) fn count_failure(&self, error: &Error) {
-        if error.is_transient() && !matches!(error, Error::Unavailable) {
+    /// Judges a failed attempt that got as far as `stage`.
+    ///
+    /// The breaker counts failure events that show the database away: an
+    /// outage ([`Error::is_outage`]) or a client-side timeout, met while
+    /// opening a connection or on a connection opened for the attempt.
+    /// One statement counts once, however many requests shared it. A
+    /// statement failing on a reused connection is not counted: that
+    /// connection may merely have died while idle, and the attempt is run
+    /// again at once on another. A saturated pool (acquire timeout), a
+    /// server out of connection slots (53300, which the pool absorbs) and a
+    /// configuration error never count: none heals by serving from the
+    /// fallback. A configuration error is recorded for `/health` and logged
+    /// once instead.
+    pub(super) fn count_failure(&self, error: &Error, stage: Stage) {
+        if self.config_problem(error) {
+            return;
+        }
+        let away = match error.kind() {
+            ErrorKind::Timeout => true,
+            ErrorKind::Unavailable => false,
+            _ => error.is_outage(),
+        };
+        if away && stage.opening() {
             self.breaker_moved(self.inner.breaker.record_failure(Instant::now()));
         }
     }
 
+    /// Records `error` if it is a configuration error (see
+    /// [`Error::config_hint`]), with an event when it is a new one.
+    pub(super) fn config_problem(&self, error: &Error) -> bool {
+        if error.config_hint().is_none() {
+            return false;
+        }
+        if let Some(text) = self.inner.config_problem.report(error) {
+            self.inner.events.push("config_error", text);
+        }
+        true
+    }
+
     /// The answers of a failed batch of `requests`. A transient failure is
     /// every request's (retrying each alone would wait out the deadline
-    /// again), and counts once per request towards the breaker, as the same
-    /// requests run one by one would (`run_db` counted one): batching must
-    /// not keep the breaker closed longer while the database is away. A
-    /// permanent one may be one request's fault, so each runs alone to find
-    /// whose (`None`).
-    fn batch_failed<T>(&self, requests: usize, error: &Error) -> Vec<Option<Result<T, Error>>> {
-        if !error.is_transient() {
+    /// again); `run_db` told the breaker of it once: one statement failed,
+    /// however many requests shared it. So is a configuration error. Any
+    /// other permanent one may be one request's fault, so each runs alone
+    /// to find whose (`None`).
+    fn batch_failed<T>(&self, requests: usize, error: Error) -> Vec<Option<Result<T, Error>>> {
+        // A configuration error is no request's own: it is shared too.
+        if !error.is_transient() && error.config_hint().is_none() {
             return (0..requests).map(|_| None).collect();
         }
-        for _ in 1..requests {
-            self.count_failure(error);
-        }
+        let shared = std::sync::Arc::new(error);
         (0..requests)
-            .map(|_| Some(Err(Error::Batched(error.to_string()))))
+            .map(|_| Some(Err(Error::Batched(shared.clone()))))
             .collect()
     }
 
@@ -287,7 +417,7 @@ impl Store {
             .await;
         match saved {
             Ok(()) => batch.iter().map(|_| Some(Ok(()))).collect(),
-            Err(e) => self.batch_failed(batch.len(), &e),
+            Err(e) => self.batch_failed(batch.len(), e),
         }
     }
 
@@ -360,23 +490,56 @@ impl Store {
     /// A `SELECT 1` through the pool, bypassing the breaker: the health
     /// check and the breaker's probe.
     pub(super) async fn ping(&self, deadline: Duration) -> Result<(), Error> {
-        let conn = bounded("health", deadline, self.inner.pool.checkout()).await?;
-        let result = bounded("health", deadline, async {
-            conn.client().simple_query("SELECT 1").await?;
-            Ok(())
-        })
-        .await;
-        conn.finish(&result);
+        self.ping_tracked(deadline, &Progress::default()).await
+    }
+
+    /// [`Store::ping`], with its progress for [`Store::count_failure`]: a
+    /// dead reused connection is replaced at once, as in an operation, so
+    /// that a health check fails (and counts, once) only when the database
+    /// does not answer.
+    pub(super) async fn ping_tracked(
+        &self,
+        deadline: Duration,
+        progress: &Progress,
+    ) -> Result<(), Error> {
+        let mut dead = 0;
+        loop {
+            let checkout = self.inner.pool.checkout_tracked(progress);
+            let conn = bounded("health", deadline, checkout).await?;
+            let fresh = conn.is_fresh();
+            let result = bounded("health", deadline, async {
+                conn.client().simple_query("SELECT 1").await?;
+                Ok(())
+            })
+            .await;
+            conn.finish(&result);
+            match result {
+                Err(e) if self.dead_reused("health", &e, fresh, &mut dead) => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Creates the table unless it is known to exist. A configuration
+    /// error (a refused login, a missing table with `create_table` off) is
+    /// recorded for `/health`.
+    pub(super) async fn ensure_schema(&self) -> Result<(), Error> {
+        let result = self.ensure_schema_tracked(&Progress::default()).await;
+        if let Err(e) = &result {
+            self.config_problem(e);
+        }
         result
     }
 
-    pub(super) async fn ensure_schema(&self) -> Result<(), Error> {
+    /// [`Store::ensure_schema`] as part of an operation's attempt, whose
+    /// failure the operation judges.
+    async fn ensure_schema_tracked(&self, progress: &Progress) -> Result<(), Error> {
         self.inner
             .schema_ready
             .get_or_try_init(|| async {
                 let deadline =
                     self.inner.config.connect_budget() + self.inner.config.query_timeout();
-                let conn = self.inner.pool.checkout().await?;
+                let conn = self.inner.pool.checkout_tracked(progress).await?;
                 let result = bounded("schema", deadline, create_schema(&conn, &self.inner)).await;
                 if result.is_err() {
                     // It may have failed inside the transaction.

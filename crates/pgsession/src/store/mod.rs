@@ -3,17 +3,25 @@
 //!
 //! - [`db`]: one operation on the database, retried within its deadline,
 //!   counted by the circuit breaker; the table's creation.
-//! - [`background`]: start-up, pool upkeep, health checks, the recovery
-//!   that probes the database and writes the journal back, and the spool.
+//! - [`background`]: start-up, pool upkeep, health checks, and the
+//!   recovery that probes the database while the breaker is open.
+//! - [`writeback`]: the journal written back, each write conditional on
+//!   the row it was based on; conflicts set aside as dead letters.
 //! - [`prune`]: deleting expired rows.
+//!
+//! The rule of every write: its `Ok` means committed in PostgreSQL, or
+//! fsynced in the on-disk journal (`resilience::journal`). A write goes to
+//! the journal only while the database is away (breaker open, or a failure
+//! [`Error::is_outage`] says so); busy (a saturated pool, a slow statement,
+//! the server's connection limit) it fails with a transient error, a 503.
 
 mod background;
 mod batch;
 mod db;
 mod prune;
+mod writeback;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
@@ -24,31 +32,13 @@ pub use prune::PruneOutcome;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::health::{Event, Events, HealthStatus, JournalHealth, StoreHealth};
+use crate::health::{Event, Events, HealthStatus, StoreHealth};
 use crate::pool::{PoolStatus, SessionPool};
+use crate::record::StoredSession;
 use crate::resilience::breaker::{Breaker, BreakerSettings, BreakerState, Transition};
-use crate::resilience::fallback::{Fallback, FallbackSettings, JournalFull, Lookup, Pending};
+use crate::resilience::fallback::{Fallback, FallbackSettings, Journaled, Lookup, Refused};
+use crate::resilience::journal::{Journal, Opened, Pending};
 use crate::schema::Statements;
-
-/// A session as stored: its document (the `sess` column, JSON text) and
-/// when it expires.
-#[derive(Clone, PartialEq, Eq)]
-pub struct StoredSession {
-    /// The `sess` column, as text.
-    pub json: String,
-    /// The `expire` column, in UTC.
-    pub expire: OffsetDateTime,
-}
-
-impl std::fmt::Debug for StoredSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Session documents hold user data: show their size only.
-        f.debug_struct("StoredSession")
-            .field("json_bytes", &self.json.len())
-            .field("expire", &self.expire)
-            .finish()
-    }
-}
 
 /// What the server says about a pool connection: the settings in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,9 +63,11 @@ pub struct ServerInfo {
 /// backoff) or, failing that, by the first operation that reaches the
 /// database. When the database goes away, the circuit breaker opens and
 /// operations use the fallback: recently used sessions are read from a
-/// cache, and writes wait in a journal that is written back, in order,
-/// when the database returns (or spooled to disk if the process stops
-/// first).
+/// cache, and writes are fsynced to a journal on local disk before they
+/// are acknowledged. When the database returns, the journal is written
+/// back, each write only if the row is still what it was based on; a store
+/// started later on the same journal directory writes back what a process
+/// that died left there.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), pgsession::Error> {
@@ -107,14 +99,22 @@ struct Inner {
     loads: batch::Batcher<String, Option<Result<Option<StoredSession>, Error>>>,
     saves: batch::Batcher<(String, String, OffsetDateTime), Option<Result<(), Error>>>,
     events: Events,
-    /// Spool files read at start-up, removed once written back.
-    claimed_spool: Mutex<Vec<PathBuf>>,
+    /// The latest moment (Unix ms) a write statement went unanswered: it
+    /// may still commit, so the write-back first waits it out.
+    in_doubt_since: Mutex<Option<i64>>,
+    /// Write-back conflicts since start.
+    conflicts: AtomicU64,
+    /// Dead letters in the journal directory (read at start, then counted).
+    dead_letters: AtomicU64,
     /// Stops the background tasks.
     shutdown: CancellationToken,
     /// Set at the end of [`Store::close`]: operations are refused.
     closed: AtomicBool,
     /// Connections the server would still accept (`usize::MAX`: unknown).
     server_free: std::sync::atomic::AtomicUsize,
+    /// A configuration error the database reported, until an operation
+    /// succeeds again (for `/health`, and to log it once).
+    config_problem: crate::health::ConfigProblem,
     tasks: tokio_util::task::TaskTracker,
 }
 
@@ -128,24 +128,31 @@ enum Outcome {
 
 impl Store {
     /// Builds the store and starts its background work (table creation,
-    /// pool upkeep, health checks, recovery). Reads back any journal spooled
-    /// by an earlier run. Fails only on a configuration it cannot use (such
-    /// as an unreadable `sslrootcert`), never because the database is away.
+    /// pool upkeep, health checks, recovery). Opens the journal directory
+    /// and adopts the journal files of processes that died. Fails only on a
+    /// configuration it cannot use (an unreadable `sslrootcert`, a journal
+    /// directory it cannot write), never because the database is away.
     ///
     /// Must be called inside a Tokio runtime.
     pub fn new(config: Config) -> Result<Store, Error> {
         let pool = SessionPool::new(&config)?;
         let sql = Statements::new(config.schema(), config.table());
+        let (journal, adopted, found) = match open_journal(&config, &sql.lock_name)? {
+            Some(opened) => (Some(opened.journal), opened.adopted, opened.found),
+            None => (None, Vec::new(), Vec::new()),
+        };
         let breaker = Breaker::new(BreakerSettings {
             threshold: config.breaker_threshold(),
             cool_down: config.breaker_cool_down(),
             max_cool_down: config.breaker_max_cool_down(),
         });
-        let fallback = Fallback::new(FallbackSettings {
-            max_entries: config.cache_max_entries(),
-            max_bytes: config.cache_max_bytes(),
-            max_journal: config.journal_max_entries(),
-        });
+        let fallback = Fallback::new(
+            FallbackSettings {
+                max_entries: config.cache_max_entries(),
+                max_bytes: config.cache_max_bytes(),
+            },
+            journal,
+        );
         let batch_limit = config.pool_max_size();
         // Fewer save batches at once make each one larger: a multi-row
         // upsert costs little more than a single-row one (measured in
@@ -163,15 +170,19 @@ impl Store {
                 loads: batch::Batcher::new(batch_limit),
                 saves: batch::Batcher::new(save_batches),
                 events: Events::default(),
-                claimed_spool: Mutex::new(Vec::new()),
+                in_doubt_since: Mutex::new(None),
+                conflicts: AtomicU64::new(0),
+                dead_letters: AtomicU64::new(0),
                 shutdown: CancellationToken::new(),
                 closed: AtomicBool::new(false),
                 server_free: std::sync::atomic::AtomicUsize::new(usize::MAX),
+                config_problem: Default::default(),
                 tasks: tokio_util::task::TaskTracker::new(),
             }),
         };
         metrics::gauge!("pgsession_breaker_state").set(BreakerState::Closed.gauge());
-        store.restore_spool();
+        store.count_dead_letters();
+        store.take_adopted(adopted, found);
         store.spawn(Self::initialize_in_background);
         store.spawn(Self::upkeep);
         store.spawn(Self::recover);
@@ -221,6 +232,11 @@ impl Store {
         self.inner.fallback.journal_len()
     }
 
+    /// Bytes the journal's waiting writes take on disk.
+    pub fn journal_bytes(&self) -> u64 {
+        self.inner.fallback.journal_bytes()
+    }
+
     /// Whether connections carry the server-side statement timeout (false
     /// when the server refused startup options, as poolers do).
     pub fn server_statement_timeout(&self) -> bool {
@@ -232,9 +248,14 @@ impl Store {
         let breaker = self.breaker_state();
         let last_check = self.inner.events.last_check();
         let ready = self.is_ready();
+        let config_error = self.inner.config_problem.get();
         let status = if self.inner.closed.load(Ordering::Acquire) {
             HealthStatus::Down
-        } else if ready && breaker == BreakerState::Closed && last_check.is_none_or(|c| c.ok) {
+        } else if ready
+            && breaker == BreakerState::Closed
+            && last_check.is_none_or(|c| c.ok)
+            && config_error.is_none()
+        {
             HealthStatus::Ok
         } else {
             HealthStatus::Degraded
@@ -245,9 +266,8 @@ impl Store {
             breaker,
             pool: self.pool_status(),
             last_check,
-            journal: JournalHealth {
-                entries: self.journal_len(),
-            },
+            journal: self.journal_health(),
+            config_error,
         }
     }
 
@@ -267,6 +287,7 @@ impl Store {
         metrics::gauge!("pgsession_pool_waiting").set(pool.waiting as f64);
         metrics::gauge!("pgsession_pool_max").set(pool.max as f64);
         metrics::gauge!("pgsession_journal_entries").set(self.journal_len() as f64);
+        metrics::gauge!("pgsession_journal_bytes").set(self.journal_bytes() as f64);
         metrics::gauge!("pgsession_breaker_state").set(self.breaker_state().gauge());
     }
 
@@ -311,24 +332,24 @@ impl Store {
         // With the breaker closed only the journal matters: a cached copy
         // is not served, so it is not copied either.
         let closed = self.inner.breaker.is_closed();
-        let known = if closed {
+        let known = if closed || !fallback.is_on() {
             fallback.lookup_pending(sid, now)
         } else {
             fallback.lookup(sid, now)
         };
-        let direct = match known {
-            Lookup::Pending(found) => Err(found),
-            Lookup::Cached(cached) => Err(Some(cached)),
-            Lookup::Miss if !closed => {
-                let result = Err(Error::Unavailable);
-                record("load", started, &result, Outcome::Error);
-                return result;
-            }
-            Lookup::Miss => Ok(()),
+        let served = match known {
+            Lookup::Pending(found) => Some(Ok(found)),
+            Lookup::Cached(cached) => Some(Ok(Some(cached))),
+            Lookup::Miss if !closed => Some(Err(Error::Unavailable)),
+            Lookup::Miss => None,
         };
-        if let Err(found) = direct {
-            let result = Ok(found);
-            record("load", started, &result, Outcome::Fallback);
+        if let Some(result) = served {
+            let outcome = if result.is_ok() {
+                Outcome::Fallback
+            } else {
+                Outcome::Error
+            };
+            record_op("load", started, &result, outcome);
             return result;
         }
         let (result, outcome) = match self.db_load(sid).await {
@@ -340,25 +361,20 @@ impl Store {
                 fallback.forget(sid);
                 (Ok(None), Outcome::Ok)
             }
-            Err(e) if e.is_transient() => {
-                // This request's writes should not wait on the database a
-                // second time: they go to the journal for a while.
-                let until = std::time::Instant::now() + self.inner.config.query_timeout();
-                fallback.mark_degraded(sid, until);
-                match fallback.lookup(sid, now) {
-                    Lookup::Pending(found) => (Ok(found), Outcome::Fallback),
-                    Lookup::Cached(cached) => (Ok(Some(cached)), Outcome::Fallback),
-                    Lookup::Miss => (Err(e), Outcome::Error),
-                }
-            }
+            // Away: the cache answers for what it knows. Busy: a 503.
+            Err(e) if e.is_outage() && fallback.is_on() => match fallback.lookup(sid, now) {
+                Lookup::Pending(found) => (Ok(found), Outcome::Fallback),
+                Lookup::Cached(cached) => (Ok(Some(cached)), Outcome::Fallback),
+                Lookup::Miss => (Err(e), Outcome::Error),
+            },
             Err(e) => (Err(e), Outcome::Error),
         };
-        record("load", started, &result, outcome);
+        record_op("load", started, &result, outcome);
         result
     }
 
     /// Inserts or replaces a session (an upsert). While the database is
-    /// away the write is accepted into the journal.
+    /// away the write is fsynced to the journal instead.
     pub async fn save(&self, sid: &str, json: &str, expire: OffsetDateTime) -> Result<(), Error> {
         let limit = self.inner.config.max_session_bytes();
         if json.len() > limit {
@@ -372,10 +388,16 @@ impl Store {
             expire,
         };
         let done = self
-            .write("save", sid, write, self.db_save(sid, json, expire))
+            .write(
+                "save",
+                sid,
+                write,
+                Some(json),
+                self.db_save(sid, json, expire),
+            )
             .await?;
         if done.is_some() {
-            self.inner.fallback.remember(
+            self.inner.fallback.saved(
                 sid,
                 StoredSession {
                     json: json.to_owned(),
@@ -391,7 +413,7 @@ impl Store {
     pub async fn touch(&self, sid: &str, expire: OffsetDateTime) -> Result<bool, Error> {
         let write = || Pending::Touch { expire };
         match self
-            .write("touch", sid, write, self.db_touch(sid, expire))
+            .write("touch", sid, write, None, self.db_touch(sid, expire))
             .await?
         {
             Some(existed) => {
@@ -403,9 +425,17 @@ impl Store {
     }
 
     /// Deletes a session. Deleting a missing session is not an error.
+    /// Journaled while the database is away, a deletion wins over any
+    /// other write of the session at write-back.
     pub async fn destroy(&self, sid: &str) -> Result<(), Error> {
         let done = self
-            .write("destroy", sid, || Pending::Destroy, self.db_destroy(sid))
+            .write(
+                "destroy",
+                sid,
+                || Pending::Destroy,
+                None,
+                self.db_destroy(sid),
+            )
             .await?;
         if done.is_some() {
             self.inner.fallback.forget(sid);
@@ -415,39 +445,83 @@ impl Store {
 
     /// A write: to the journal while the breaker is open (or the session
     /// already waits there), else to the database, and to the journal if
-    /// the database fails transiently. `None` when journaled.
+    /// the database turns out to be away. `None` when journaled. `sent` is
+    /// the document a save sends: if the statement goes unanswered, the
+    /// row may hold it.
     async fn write<T>(
         &self,
         op: &'static str,
         sid: &str,
         journal_entry: impl Fn() -> Pending,
+        sent: Option<&str>,
         direct: impl std::future::Future<Output = Result<T, Error>>,
     ) -> Result<Option<T>, Error> {
         let started = std::time::Instant::now();
         let breaker = &self.inner.breaker;
         let fallback = &self.inner.fallback;
-        let journaled = fallback.journal_if(sid, &journal_entry, |pending| {
+        let first = fallback.journal_if(sid, &journal_entry, None, |pending| {
             pending || !breaker.is_closed()
         });
-        let (result, outcome) = match journaled {
-            Ok(true) => (Ok(None), Outcome::Fallback),
-            Err(JournalFull) => (Err(Error::Unavailable), Outcome::Error),
-            Ok(false) => match direct.await {
+        let (result, outcome) = match first {
+            Ok(Journaled::Yes(ticket)) => self.acknowledge(ticket).await,
+            Err(refused) => (Err(refusal(refused, Error::Unavailable)), Outcome::Error),
+            Ok(Journaled::No) => match direct.await {
                 Ok(done) => (Ok(Some(done)), Outcome::Ok),
-                Err(e) if e.is_transient() => {
-                    match fallback.journal_if(sid, &journal_entry, |_| true) {
-                        Ok(_) => (Ok(None), Outcome::Fallback),
-                        Err(JournalFull) => (Err(e), Outcome::Error),
+                Err(e) => {
+                    // Any attempt of the operation may have been the one
+                    // that went unanswered (a reset link, retried, then
+                    // refused by the open breaker): a failed write is in
+                    // doubt unless the server's answer refused it for good.
+                    // Accepting one's own document as a base is always
+                    // safe: the row holds it only if this write landed.
+                    let in_doubt = e.is_transient() || e.is_unanswered();
+                    if in_doubt {
+                        self.mark_in_doubt();
+                    }
+                    let in_doubt = sent.filter(|_| in_doubt);
+                    if e.is_outage() {
+                        match fallback.journal_if(sid, &journal_entry, in_doubt, |_| true) {
+                            Ok(Journaled::Yes(ticket)) => self.acknowledge(ticket).await,
+                            Ok(Journaled::No) => unreachable!("accepted above"),
+                            Err(refused) => (Err(refusal(refused, e)), Outcome::Error),
+                        }
+                    } else {
+                        if let Some(json) = in_doubt {
+                            fallback.in_doubt(sid, json);
+                        }
+                        (Err(e), Outcome::Error)
                     }
                 }
-                Err(e) => (Err(e), Outcome::Error),
             },
         };
         if outcome == Outcome::Fallback {
             metrics::gauge!("pgsession_journal_entries").set(fallback.journal_len() as f64);
         }
-        record(op, started, &result, outcome);
+        record_op(op, started, &result, outcome);
         result
+    }
+
+    /// Waits for a journaled write to be on disk: only then is it
+    /// acknowledged.
+    async fn acknowledge<T>(
+        &self,
+        ticket: crate::resilience::journal::Ticket,
+    ) -> (Result<Option<T>, Error>, Outcome) {
+        match self.inner.fallback.durable(ticket).await {
+            Ok(()) => (Ok(None), Outcome::Fallback),
+            Err(refused) => (Err(refusal(refused, Error::Unavailable)), Outcome::Error),
+        }
+    }
+
+    /// Notes that a write statement went unanswered now.
+    fn mark_in_doubt(&self) {
+        let now = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let mut since = self
+            .inner
+            .in_doubt_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *since = Some(since.map_or(now, |t| t.max(now)));
     }
 
     /// Counts unexpired sessions.
@@ -498,7 +572,7 @@ impl Store {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
-        self.flush_or_spool().await;
+        self.flush_at_close().await;
         self.inner.closed.store(true, Ordering::Release);
         self.inner.pool.close();
     }
@@ -534,8 +608,54 @@ impl Store {
     }
 }
 
+/// The error of a write the journal did not take: with the fallback off,
+/// the database's own (`away`); else the journal's, a 503 that says why.
+fn refusal(refused: Refused, away: Error) -> Error {
+    match refused {
+        Refused::Off => away,
+        Refused::Journal(e) => {
+            tracing::error!(target: "session_store", error = %e, "a write could not be journaled; answering 503");
+            Error::JournalUnavailable {
+                reason: e.to_string(),
+            }
+        }
+    }
+}
+
+/// Opens the journal directory (unless the fallback is off): its error
+/// names the setting, and says how to run without one.
+fn open_journal(config: &Config, table: &str) -> Result<Option<Opened>, Error> {
+    if !config.fallback() {
+        tracing::warn!(
+            target: "session_store",
+            "fallback off (PGSESSION_FALLBACK=false): while the database is away, every session \
+             operation answers 503; nothing is journaled"
+        );
+        return Ok(None);
+    }
+    let max = config.journal_max_bytes() as u64;
+    match Journal::open(config.journal_dir(), table, max) {
+        Ok(opened) => {
+            tracing::info!(
+                target: "session_store",
+                path = %opened.journal.path().display(),
+                max_bytes = max,
+                "journal open: writes accepted while the database is away are fsynced here"
+            );
+            Ok(Some(opened))
+        }
+        Err(e) => Err(Error::Config(crate::ConfigError::invalid(
+            "journal_dir",
+            format!(
+                "{e}; point PGSESSION_JOURNAL_DIR at a writable directory on a persistent disk, \
+                 or set PGSESSION_FALLBACK=false to answer 503 during outages instead"
+            ),
+        ))),
+    }
+}
+
 /// Counts and times an operation for the metrics.
-fn record<T>(
+fn record_op<T>(
     op: &'static str,
     started: std::time::Instant,
     result: &Result<T, Error>,

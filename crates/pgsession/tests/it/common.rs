@@ -29,7 +29,7 @@ pub(crate) fn config(url: &str) -> ConfigBuilder {
         .startup_backoff(Duration::from_millis(100))
         // Each store its own spool directory: a journal spooled by one test
         // must not be written back into another test's database.
-        .spool_dir(tempfile::tempdir().expect("temp dir").keep())
+        .journal_dir(tempfile::tempdir().expect("temp dir").keep())
 }
 
 /// A ready store on `db`.

@@ -29,3 +29,6 @@ mod pooler;
 // Several hosts with target_session_attrs=read-write: the primary found,
 // a write on a read-only server, the new primary found after a failover.
 mod failover;
+// Failures with the database up (terminated backends, a connection limit,
+// configuration errors): the breaker stays closed, nothing is journaled.
+mod not_away;

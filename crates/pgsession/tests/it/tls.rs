@@ -274,3 +274,43 @@ async fn prefer_encrypts_without_verifying_like_libpq() {
     // Not the operator's opt-in: no warning.
     assert!(!capture.text().contains("TLS certificate NOT verified"));
 }
+
+/// A certificate from an unknown CA is a configuration error, not an
+/// outage: the operation fails at once with the setting to change, the
+/// breaker stays closed (it would open at the first failure counted),
+/// nothing is journaled, and `/health` shows the problem.
+#[tokio::test]
+async fn an_unknown_ca_is_a_configuration_error_shown_in_health_and_never_journaled() {
+    let server = TlsServer::start().await;
+    let journal = tempfile::tempdir().expect("journal dir");
+    let builder = server
+        .config("localhost", "verify-full", &server.wrong_ca)
+        .breaker_threshold(1)
+        .journal_dir(journal.path());
+    let store = Store::new(builder.build().expect("valid config")).expect("store");
+    for _ in 0..3 {
+        let error = store
+            .save("tls-session", r#"{"user":"alice"}"#, in_secs(60))
+            .await
+            .expect_err("an unknown CA");
+        let hint = error
+            .config_hint()
+            .unwrap_or_else(|| panic!("no hint: {}", chain(&error)));
+        assert!(hint.contains("sslrootcert"), "{hint}");
+        assert!(
+            !error.is_outage() && !error.is_transient(),
+            "{}",
+            chain(&error)
+        );
+    }
+    assert_eq!(store.breaker_state(), pgsession::BreakerState::Closed);
+    assert_eq!(store.journal_len(), 0);
+    let health = store.health();
+    assert_eq!(health.status, pgsession::HealthStatus::Degraded);
+    let shown = health.config_error.expect("config_error in /health");
+    assert!(
+        shown.contains("trusted CA") && shown.contains("UnknownIssuer"),
+        "{shown}"
+    );
+    store.close().await;
+}

@@ -7,8 +7,11 @@
 //! has no database to check: it reports itself `ok`, with an empty pool.
 //!
 //! The contract's fields (`status`, `breaker`, `pool.{size,idle,in_use,
-//! waiting,max}`, `last_check.{at,latency_ms,ok}`, `journal.entries`) are
-//! always there; `last_check`'s are `null` before the first check.
+//! waiting,max}`, `last_check.{at,latency_ms,ok}`, `journal.entries`,
+//! `config_error`) are always there; `last_check`'s are `null` before the
+//! first check, `config_error` is `null` unless the database reported a
+//! configuration error (then the setting to change and the error; the
+//! status is `degraded` meanwhile).
 
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
@@ -55,6 +58,9 @@ pub(crate) fn health_json(state: &AppState) -> Value {
     if body["last_check"].is_null() {
         body["last_check"] = json!({ "at": null, "latency_ms": null, "ok": null });
     }
+    if body.get("config_error").is_none() {
+        body["config_error"] = Value::Null;
+    }
     body["store"] = json!(state.kind.as_str());
     body["requests_in_flight"] = json!(state.in_flight.load(Ordering::Relaxed));
     let (started, started_at) = started();
@@ -93,7 +99,7 @@ fn settings(config: &pgsession::Config) -> Value {
         "slow_check_threshold_ms": ms(config.slow_check_threshold()),
         "breaker_threshold": config.breaker_threshold(),
         "breaker_cool_down_ms": ms(config.breaker_cool_down()),
-        "journal_max_entries": config.journal_max_entries(),
+        "journal_max_bytes": config.journal_max_bytes(),
         "target": config.target(),
     })
 }
@@ -105,7 +111,11 @@ fn memory_health() -> Value {
         "breaker": "closed",
         "pool": { "size": 0, "idle": 0, "in_use": 0, "waiting": 0, "max": 0 },
         "last_check": { "at": rfc3339(OffsetDateTime::now_utc()), "latency_ms": 0.0, "ok": true },
-        "journal": { "entries": 0 },
+        "journal": {
+            "entries": 0, "bytes": 0, "max_bytes": 0, "fallback": false, "dir": null,
+            "broken": null, "conflicts": 0, "dead_letters": 0
+        },
+        "config_error": null,
         "events": [],
     })
 }
@@ -131,6 +141,7 @@ mod tests {
             assert_eq!(h["pool"][key], 0, "{key}");
         }
         assert_eq!(h["journal"]["entries"], 0);
+        assert!(h["config_error"].is_null(), "{h}");
         assert!(h["events"].as_array().is_some_and(Vec::is_empty));
         assert_eq!(h["server"]["version"], env!("CARGO_PKG_VERSION"));
         assert!(h["server"]["uptime_s"].as_f64().is_some());
@@ -162,6 +173,7 @@ mod tests {
         assert!(h["last_check"].get("at").is_some(), "{h}");
         assert!(h["pool"]["max"].as_u64().is_some_and(|m| m >= 1), "{h}");
         assert!(h["events"].is_array(), "{h}");
+        assert!(h["config_error"].is_null(), "{h}");
         assert_eq!(h["settings"]["health_check_interval_ms"], 7000.0);
         assert!(!h.to_string().contains("password"), "{h}");
     }

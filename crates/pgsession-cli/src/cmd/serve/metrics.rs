@@ -57,7 +57,12 @@ const ERROR_KINDS: &[&str] = &[
     "store_closed",
     "unavailable",
     "too_large",
+    "journal",
 ];
+/// `pgsession_writeback_conflicts_total{kind}` and
+/// `pgsession_dead_letters_total{kind}`: the labels of
+/// `pgsession::dead_letter::Conflict`.
+const CONFLICT_KINDS: &[&str] = &["changed", "destroyed", "id_taken", "duplicate", "failed"];
 /// `pgsession_pool_resizes_total{direction}`.
 const RESIZE_DIRECTIONS: &[&str] = &["up", "down"];
 /// `pgsession_http_requests_total{class}`: session requests by status class.
@@ -159,6 +164,26 @@ fn describe() {
         "Sessions whose writes wait in the journal for the database"
     );
     describe_gauge!(
+        "pgsession_journal_bytes",
+        Unit::Bytes,
+        "Bytes the journal's waiting writes take on disk (limit: journal_max_bytes)"
+    );
+    describe_counter!(
+        "pgsession_journal_fsyncs_total",
+        Unit::Count,
+        "fsync calls of the journal (one serves every write waiting: group commit)"
+    );
+    describe_counter!(
+        "pgsession_writeback_conflicts_total",
+        Unit::Count,
+        "Journaled writes that found the row changed, destroyed or taken at write-back, by kind"
+    );
+    describe_counter!(
+        "pgsession_dead_letters_total",
+        Unit::Count,
+        "Journaled writes kept aside in dead-letters.jsonl (pgsession journal list), by kind"
+    );
+    describe_gauge!(
         "pgsession_health_check_seconds",
         Unit::Seconds,
         "Duration of the last health check"
@@ -197,6 +222,7 @@ fn register_at_zero() {
         "pgsession_pool_max",
         "pgsession_breaker_state",
         "pgsession_journal_entries",
+        "pgsession_journal_bytes",
         "pgsession_health_check_seconds",
     ] {
         metrics::gauge!(name).increment(0.0);
@@ -217,6 +243,11 @@ fn register_at_zero() {
     }
     for &kind in ERROR_KINDS {
         metrics::counter!("pgsession_errors_total", "kind" => kind).increment(0);
+    }
+    metrics::counter!("pgsession_journal_fsyncs_total").increment(0);
+    for &kind in CONFLICT_KINDS {
+        metrics::counter!("pgsession_writeback_conflicts_total", "kind" => kind).increment(0);
+        metrics::counter!("pgsession_dead_letters_total", "kind" => kind).increment(0);
     }
     for &direction in RESIZE_DIRECTIONS {
         metrics::counter!("pgsession_pool_resizes_total", "direction" => direction).increment(0);

@@ -1,0 +1,536 @@
+//! The journal written back: each write lands only if the row is still what
+//! it was based on, so that a write-back never undoes a newer write (of
+//! another instance, or of a Node service on the same table) and never
+//! brings back a destroyed session. What cannot land is counted, logged,
+//! shown as an event, and kept as a dead letter.
+//!
+//! | journaled | lands when | else |
+//! |---|---|---|
+//! | save of a session seen | the row holds a document it was based on (or its own) | `changed` / `destroyed` |
+//! | save of a session made in the outage | the id is still free | `id_taken` |
+//! | touch | the row exists (the later of both expiries is kept) | `destroyed` (counted, no data to keep) |
+//! | destroy | always: a logout wins | |
+//!
+//! Before it writes anything back, the store makes sure that no statement
+//! it sent without an answer (timed out, link broken) can still commit
+//! afterwards and overtake the write-back: such statements of this
+//! application that still run are terminated, and waited out.
+
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio_postgres::types::Type;
+
+use super::{to_timestamp, Store};
+use crate::error::Error;
+use crate::pool::Params;
+use crate::resilience::dead_letter::{self, Conflict, DeadLetter};
+use crate::resilience::journal::{digest, Entry, Found, Pending};
+
+/// How one journal entry fared.
+enum Landing {
+    Landed,
+    /// Set aside: the kind, and what the row held instead.
+    Conflict(Conflict, &'static str),
+}
+
+/// Entries written back between two syncs of their `done` records and two
+/// progress events.
+const PROGRESS_EVERY: usize = 256;
+
+impl Store {
+    /// Writes the journal back, oldest first, each entry's latest state.
+    /// Stops at the first transient failure (the entry stays).
+    pub(super) async fn write_back(&self) -> Result<(), Error> {
+        let deadline = self
+            .inner
+            .config
+            .query_timeout()
+            .min(Duration::from_secs(5));
+        let fallback = &self.inner.fallback;
+        if fallback.journal_len() == 0 {
+            return Ok(());
+        }
+        self.settle_in_doubt(deadline).await?;
+        let started = Instant::now();
+        let total = fallback.journal_len();
+        let mut written = 0usize;
+        let mut set_aside = 0usize;
+        let result = loop {
+            let Some((seq, sid, entry)) = fallback.oldest() else {
+                break Ok(());
+            };
+            let landing = match self.land(&sid, &entry, deadline).await {
+                Ok(landing) => landing,
+                Err(e) if e.is_transient() || matches!(e, Error::Closed) => {
+                    if e.is_unanswered() {
+                        fallback.written_back_in_doubt(&sid, &entry.write);
+                        self.mark_in_doubt();
+                    }
+                    break Err(e);
+                }
+                Err(e) => {
+                    tracing::error!(target: "session_store", error = %e, op = entry.write.op(), "a journaled write was refused by the database");
+                    Landing::Conflict(Conflict::Failed, "the database refused it")
+                }
+            };
+            match landing {
+                Landing::Landed => {
+                    written += 1;
+                    fallback.landed(seq, &sid, &entry.write);
+                }
+                Landing::Conflict(kind, reason) => {
+                    if let Err(e) = self.set_aside(&sid, &entry, kind, reason) {
+                        // Kept in the journal: tried again next pass.
+                        break Err(e);
+                    }
+                    set_aside += 1;
+                    fallback.forget(&sid);
+                    fallback.written_back(seq, &sid);
+                }
+            }
+            metrics::gauge!("pgsession_journal_entries").set(fallback.journal_len() as f64);
+            if (written + set_aside).is_multiple_of(PROGRESS_EVERY) {
+                self.sync_done().await;
+                self.progress(written + set_aside, total, started, false);
+            }
+        };
+        self.sync_done().await;
+        if written + set_aside > 0 {
+            self.progress(written + set_aside, total, started, true);
+            tracing::info!(target: "session_store", written, set_aside, "journal written back");
+        }
+        result
+    }
+
+    /// Makes the `done` records durable, so that a crash does not write
+    /// the same entries back again (harmless, but slower).
+    async fn sync_done(&self) {
+        if let Some(journal) = self.inner.fallback.journal() {
+            if let Err(e) = journal.sync_all().await {
+                tracing::warn!(target: "session_store", error = %e, "journal sync failed");
+            }
+        }
+    }
+
+    /// One event per pass (and per [`PROGRESS_EVERY`] entries in a long
+    /// one): how far, how fast, how much is left and when it will be done.
+    fn progress(&self, done: usize, total: usize, started: Instant, last: bool) {
+        let left = self.journal_len();
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        let message = if last && left == 0 {
+            format!("journal written back: {done} of {total} entries in {secs:.1} s")
+        } else {
+            let eta = left as f64 / rate.max(0.001);
+            format!(
+                "journal write-back: {done} of {total} entries, {rate:.0}/s, {left} left, \
+                 about {eta:.0} s to go"
+            )
+        };
+        self.inner.events.push("journal", message);
+    }
+
+    /// One entry, conditional on what it was based on.
+    async fn land(&self, sid: &str, entry: &Entry, deadline: Duration) -> Result<Landing, Error> {
+        let sql = &self.inner.sql;
+        match &entry.write {
+            Pending::Destroy => {
+                self.db_destroy_with(sid, deadline, true).await?;
+                Ok(Landing::Landed)
+            }
+            Pending::Touch { expire } => {
+                let expire = to_timestamp(*expire);
+                let params: &Params = &[(&sid, Type::VARCHAR), (&expire, Type::TIMESTAMP)];
+                Ok(
+                    match self.execute(&sql.writeback_touch, params, deadline).await? {
+                        0 => Landing::Conflict(Conflict::Destroyed, "no row"),
+                        _ => Landing::Landed,
+                    },
+                )
+            }
+            Pending::Save { json, expire } => {
+                let expire = to_timestamp(*expire);
+                let insert: &Params = &[
+                    (&sid, Type::VARCHAR),
+                    (json, Type::TEXT),
+                    (&expire, Type::TIMESTAMP),
+                ];
+                if entry.base.absent
+                    && self
+                        .execute(&sql.writeback_insert, insert, deadline)
+                        .await?
+                        == 1
+                {
+                    return Ok(Landing::Landed);
+                }
+                // Its own document counts too: after a crash, an entry
+                // whose `done` was lost finds itself already landed.
+                let mut docs = entry.base.docs.clone();
+                docs.push(digest(json));
+                let update: &Params = &[
+                    (&sid, Type::VARCHAR),
+                    (json, Type::TEXT),
+                    (&expire, Type::TIMESTAMP),
+                    (&docs, Type::TEXT_ARRAY),
+                ];
+                if self
+                    .execute(&sql.writeback_update, update, deadline)
+                    .await?
+                    == 1
+                {
+                    return Ok(Landing::Landed);
+                }
+                let row = self.row_digest(sid, deadline).await?;
+                Ok(match (row, entry.base.absent) {
+                    (None, true) => {
+                        // Its id was taken and freed again meanwhile.
+                        match self
+                            .execute(&sql.writeback_insert, insert, deadline)
+                            .await?
+                        {
+                            1 => Landing::Landed,
+                            _ => Landing::Conflict(Conflict::IdTaken, "another session"),
+                        }
+                    }
+                    (None, false) => Landing::Conflict(Conflict::Destroyed, "no row"),
+                    (Some(_), true) => Landing::Conflict(Conflict::IdTaken, "another session"),
+                    (Some(_), false) => {
+                        Landing::Conflict(Conflict::Changed, "a document this instance never saw")
+                    }
+                })
+            }
+        }
+    }
+
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+        deadline: Duration,
+    ) -> Result<u64, Error> {
+        self.run_db("writeback", deadline, true, |conn| async move {
+            let result = async { Ok(conn.execute(sql, params).await?) }.await;
+            (conn, result)
+        })
+        .await
+    }
+
+    async fn row_digest(&self, sid: &str, deadline: Duration) -> Result<Option<String>, Error> {
+        let sql = &self.inner.sql.row_digest;
+        self.run_db("writeback", deadline, true, |conn| async move {
+            let result = async {
+                Ok(conn
+                    .query_opt(sql, &[(&sid, Type::VARCHAR)])
+                    .await?
+                    .map(|row| row.get(0)))
+            }
+            .await;
+            (conn, result)
+        })
+        .await
+    }
+
+    /// Counts, logs and shows a conflict, and keeps the write as a dead
+    /// letter (a touch carries no data: it is counted and logged only).
+    fn set_aside(
+        &self,
+        sid: &str,
+        entry: &Entry,
+        kind: Conflict,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let inner = &self.inner;
+        metrics::counter!("pgsession_writeback_conflicts_total", "kind" => kind.as_str())
+            .increment(1);
+        inner
+            .conflicts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let op = entry.write.op();
+        let keeps_data = !matches!(entry.write, Pending::Touch { .. });
+        let message = format!("write-back conflict ({kind}): a journaled {op} found {reason}");
+        inner.events.push("conflict", message.clone());
+        if !keeps_data {
+            tracing::warn!(target: "session_store", kind = kind.as_str(), op, "{message}; the session is left as it is");
+            return Ok(());
+        }
+        let Some(journal) = inner.fallback.journal() else {
+            return Ok(());
+        };
+        let letter = DeadLetter {
+            at: OffsetDateTime::now_utc(),
+            table: inner.sql.lock_name.clone(),
+            sid: sid.to_owned(),
+            kind,
+            reason: format!("found {reason}"),
+            write: entry.write.clone(),
+        };
+        dead_letter::append(journal.dir(), &letter).map_err(|e| {
+            tracing::error!(target: "session_store", error = %e, "cannot write a dead letter; the entry stays in the journal");
+            Error::JournalUnavailable {
+                reason: format!("dead letter: {e}"),
+            }
+        })?;
+        metrics::counter!("pgsession_dead_letters_total", "kind" => kind.as_str()).increment(1);
+        inner
+            .dead_letters
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let where_ = dead_letter::path(journal.dir());
+        let text = format!(
+            "{message}; the database keeps its state, the journaled {op} is kept aside in {} \
+             (see `pgsession journal list`)",
+            where_.display()
+        );
+        if kind == Conflict::Failed {
+            tracing::error!(target: "session_store", kind = kind.as_str(), op, "{text}");
+        } else {
+            tracing::warn!(target: "session_store", kind = kind.as_str(), op, "{text}");
+        }
+        inner.events.push("dead_letter", text);
+        Ok(())
+    }
+
+    /// Waits out statements this application sent without an answer: those
+    /// that started before the latest such moment and still run are
+    /// terminated, until none is left. A failure of this step stops the
+    /// write-back (tried again next pass); a server that refuses it (no
+    /// `pg_stat_activity`, as behind some poolers) is logged and passed.
+    async fn settle_in_doubt(&self, deadline: Duration) -> Result<(), Error> {
+        let latest = {
+            let since = self
+                .inner
+                .in_doubt_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let journaled = self.inner.fallback.latest_doubt();
+            match (*since, journaled) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            }
+        };
+        let Some(latest) = latest else { return Ok(()) };
+        let give_up = Instant::now() + deadline;
+        let sql = &self.inner.sql.settle_in_doubt;
+        loop {
+            let now_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+            // One second of margin towards "more": a statement sent just
+            // before the moment, on a server whose clock runs a little
+            // differently, is still caught.
+            let age = ((now_ms - latest) as f64 / 1000.0 - 1.0).max(0.0);
+            let counted: Result<(i64, i64), Error> = self
+                .run_db("writeback", deadline, true, |conn| async move {
+                    let result = async {
+                        let row = conn.query_one(sql, &[(&age, Type::FLOAT8)]).await?;
+                        Ok((row.get(0), row.get(1)))
+                    }
+                    .await;
+                    (conn, result)
+                })
+                .await;
+            match counted {
+                Ok((_, 0)) => break,
+                Ok((terminated, running)) => {
+                    tracing::info!(
+                        target: "session_store",
+                        running, terminated,
+                        "statements sent before the outage still run; terminated before the write-back"
+                    );
+                }
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(target: "session_store", error = %e, "cannot check for statements still running from before the outage; writing back anyway");
+                    break;
+                }
+            }
+            if Instant::now() >= give_up {
+                return Err(Error::QueryTimeout {
+                    op: "writeback",
+                    after: deadline,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut since = self
+            .inner
+            .in_doubt_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if since.is_some_and(|t| t <= latest) {
+            *since = None;
+        }
+        Ok(())
+    }
+
+    /// At start: entries adopted from stores that died join the journal;
+    /// damaged files are reported.
+    pub(super) fn take_adopted(&self, adopted: Vec<(String, Entry)>, found: Vec<Found>) {
+        let inner = &self.inner;
+        for found in found {
+            match found {
+                Found::Adopted { path, entries } => {
+                    let message = format!(
+                        "{entries} journaled writes adopted from {} (a process that stopped \
+                         before writing them back); written back when the database answers",
+                        path.display()
+                    );
+                    tracing::info!(target: "session_store", "{message}");
+                    inner.events.push("journal", message);
+                }
+                Found::Damaged {
+                    path,
+                    kept,
+                    line,
+                    reason,
+                } => {
+                    let message = format!(
+                        "journal file {} is damaged (line {line}: {reason}); kept aside as {}",
+                        path.display(),
+                        kept.display()
+                    );
+                    tracing::error!(target: "session_store", "{message}");
+                    inner.events.push("journal", message);
+                }
+            }
+        }
+        if adopted.is_empty() {
+            return;
+        }
+        // Entries carried from a process that died may have statements of
+        // that process in doubt: settle before writing them back.
+        if let Some(latest) = adopted.iter().filter_map(|(_, e)| e.in_doubt_since).max() {
+            let mut since = inner
+                .in_doubt_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *since = Some(since.map_or(latest, |t| t.max(latest)));
+        }
+        for (sid, entry) in inner.fallback.adopt(adopted) {
+            let _ = self.set_aside(&sid, &entry, Conflict::Duplicate, "another journal's entry");
+        }
+        metrics::gauge!("pgsession_journal_entries").set(self.journal_len() as f64);
+    }
+
+    /// While running: adopts the files of stores that died since.
+    pub(super) async fn adopt_orphans(&self) {
+        let store = self.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            store
+                .inner
+                .fallback
+                .journal()
+                .map(|journal| journal.adopt_orphans())
+        })
+        .await;
+        if let Ok(Some((adopted, found))) = found {
+            if !adopted.is_empty() || !found.is_empty() {
+                self.take_adopted(adopted, found);
+            }
+        }
+    }
+
+    /// At start: how many dead letters wait in the journal directory.
+    pub(super) fn count_dead_letters(&self) {
+        let Some(journal) = self.inner.fallback.journal() else {
+            return;
+        };
+        match dead_letter::read(journal.dir()) {
+            Ok(letters) if !letters.is_empty() => {
+                tracing::warn!(
+                    target: "session_store",
+                    count = letters.len(),
+                    path = %dead_letter::path(journal.dir()).display(),
+                    "dead letters wait: journaled writes that could not be written back \
+                     (`pgsession journal list` shows them)"
+                );
+                self.inner
+                    .dead_letters
+                    .store(letters.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(target: "session_store", error = %e, "cannot read the dead letters")
+            }
+        }
+    }
+
+    /// Applies a dead letter as it stands, whatever the row holds now (the
+    /// operator decided): a save is an upsert, a touch moves the expiry, a
+    /// destroy deletes.
+    ///
+    /// ```no_run
+    /// # async fn example(store: pgsession::Store) -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = store.config().journal_dir().to_owned();
+    /// for letter in pgsession::dead_letter::read(&dir)? {
+    ///     store.replay_dead_letter(&letter).await?;
+    /// }
+    /// pgsession::dead_letter::remove(&dir, |_, _| true)?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn replay_dead_letter(&self, letter: &DeadLetter) -> Result<(), Error> {
+        let deadline = self.inner.config.query_timeout();
+        match &letter.write {
+            Pending::Save { json, expire } => {
+                self.db_save_with(&letter.sid, json, *expire, deadline, false)
+                    .await
+            }
+            Pending::Touch { expire } => self
+                .db_touch_with(&letter.sid, *expire, deadline, false)
+                .await
+                .map(drop),
+            Pending::Destroy => self.db_destroy_with(&letter.sid, deadline, false).await,
+        }
+    }
+
+    /// The journal's facts for `/health`.
+    pub(super) fn journal_health(&self) -> crate::health::JournalHealth {
+        let inner = &self.inner;
+        let journal = inner.fallback.journal();
+        crate::health::JournalHealth {
+            entries: self.journal_len(),
+            bytes: self.journal_bytes(),
+            max_bytes: inner.config.journal_max_bytes() as u64,
+            fallback: inner.fallback.is_on(),
+            dir: journal.map(|j| j.dir().display().to_string()),
+            broken: journal.and_then(|j| j.broken()),
+            conflicts: inner.conflicts.load(std::sync::atomic::Ordering::Relaxed),
+            dead_letters: inner
+                .dead_letters
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// At shutdown: one last write-back if the database answers. What is
+    /// left stays in the journal file, durable; the next store started on
+    /// this directory writes it back.
+    pub(super) async fn flush_at_close(&self) {
+        let Some(journal) = self.inner.fallback.journal() else {
+            return;
+        };
+        if self.journal_len() > 0 {
+            let attempt = self
+                .inner
+                .config
+                .connect_timeout()
+                .min(Duration::from_secs(5));
+            if tokio::time::timeout(attempt, self.ping(attempt))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                let _ = tokio::time::timeout(attempt, self.write_back()).await;
+            }
+        }
+        let left = self.journal_len();
+        if left == 0 {
+            journal.remove();
+        } else {
+            self.sync_done().await;
+            tracing::warn!(
+                target: "session_store",
+                path = %journal.path().display(),
+                entries = left,
+                "the database is away: journaled writes stay in the journal file; the next start \
+                 on this directory writes them back"
+            );
+        }
+    }
+}

@@ -29,13 +29,21 @@ mod transient_drop;
 mod unavailable;
 // PostgreSQL restarted under load.
 mod restart;
+// PostgreSQL crashed (`pg_ctl stop -m immediate`) under load, durable settings on.
+mod postgres_crash;
 // Packets vanish for 20 s.
 mod blackhole;
 // The session pool held; an application pool exhausted beside it.
 mod pool_exhausted;
-// SIGTERM while the database is away: the spool file and its write-back.
-mod sigterm_spool;
+// SIGTERM while the database is away: the journal file and its write-back.
+mod sigterm_journal;
+// SIGKILL while the database is away, and during the write-back.
+mod kill;
+// The journal full, on a full disk, unusable at start; the fallback off.
+mod journal_limits;
 // Starting while the database is away.
 mod startup_away;
 // Three servers on one database.
 mod three_servers;
+// Two servers on one table, one cut off: conflicts, logouts, regenerate.
+mod two_instances;

@@ -116,18 +116,20 @@ impl Held {
     async fn take(rig: &Rig, http: &reqwest::Client, base: &str, holders: &[User]) -> Held {
         let locker = lock_table(&rig.db).await;
         let watcher = rig.db.client().await.expect("watcher connection");
-        let tasks = holders
-            .iter()
-            .cloned()
-            .map(|mut user| {
-                let (http, base) = (http.clone(), base.to_owned());
-                tokio::spawn(async move {
-                    let r = counter(&http, &base, &mut user).await;
-                    (user, r)
-                })
-            })
-            .collect();
-        wait_lock_waiters(&watcher, holders.len() as i64).await;
+        // One holder at a time, each sent once the previous one's statement
+        // waits on the lock: requests sent together may share one batched
+        // statement (one connection), while a request that finds a batch
+        // already running starts its own on another connection. So `n`
+        // waiting statements mean `n` connections held.
+        let mut tasks = Vec::new();
+        for (held, user) in holders.iter().enumerate() {
+            let (http, base, mut user) = (http.clone(), base.to_owned(), user.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = counter(&http, &base, &mut user).await;
+                (user, r)
+            }));
+            wait_lock_waiters(&watcher, held as i64 + 1).await;
+        }
         Held {
             locker,
             holders: tasks,
@@ -403,8 +405,15 @@ impl AppPool {
                 })
             })
             .collect();
-        // Let it fill up.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Filled up: every connection busy, the other tasks waiting for one.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while waiting.load(Ordering::SeqCst) < APP_TASKS - APP_POOL {
+            assert!(
+                Instant::now() < deadline,
+                "the application pool never filled up"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         AppPool {
             stop,
             waiting,

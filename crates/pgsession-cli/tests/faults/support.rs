@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use pgsession_testkit::{FaultProxy, TestCluster, TestDb};
@@ -104,6 +104,12 @@ pub(crate) struct User {
     pub(crate) sessions: Vec<(String, u64)>,
     /// Whether `POST /login` was acknowledged (then `user` must be stored).
     pub(crate) logged_in: bool,
+    /// Requests of the current session since its last 2xx that got no 2xx
+    /// but may still have landed (no answer, or a 5xx): a write is not
+    /// undone because its answer was lost (the server was killed) or its
+    /// statement outlived a timeout. The table may hold up to this many
+    /// increments more than were acknowledged.
+    pub(crate) unconfirmed: u64,
 }
 
 impl User {
@@ -113,6 +119,7 @@ impl User {
             cookie: None,
             sessions: Vec::new(),
             logged_in: false,
+            unconfirmed: 0,
         }
     }
 
@@ -125,6 +132,7 @@ impl User {
             return false;
         }
         self.sessions.push((sid, 0));
+        self.unconfirmed = 0;
         true
     }
 
@@ -220,6 +228,9 @@ pub(crate) struct Sample {
     /// 0 when no answer came.
     pub(crate) status: u16,
     pub(crate) user: usize,
+    /// How many times the load's [`Target`] had been switched when it was
+    /// sent (0: the first server).
+    pub(crate) generation: u32,
 }
 
 /// What a load did.
@@ -232,6 +243,10 @@ pub(crate) struct LoadReport {
     /// 2xx answers that came with a new session id (the session was lost
     /// and replaced: a logged-in user was logged out).
     pub(crate) replaced: Vec<String>,
+    /// 2xx answers whose `views` showed that writes of the user's requests
+    /// that got no 2xx (no answer, or a 5xx) had landed; the count then
+    /// goes on from what the answer said, which the 2xx acknowledges.
+    pub(crate) unacked_landed: Vec<String>,
 }
 
 impl LoadReport {
@@ -299,6 +314,29 @@ pub(crate) fn quantile(mut values: Vec<Duration>, q: f64) -> Duration {
     values[i.min(values.len() - 1)]
 }
 
+/// Where a load sends its requests: fixed servers (in turn), or one that
+/// a scenario can switch (a server killed and replaced).
+#[derive(Debug, Clone)]
+pub(crate) struct Target(Arc<RwLock<(Vec<String>, u32)>>);
+
+impl Target {
+    pub(crate) fn new(bases: &[String]) -> Target {
+        Target(Arc::new(RwLock::new((bases.to_vec(), 0))))
+    }
+
+    /// From now on, requests go to `base` (their samples carry the next
+    /// generation).
+    pub(crate) fn set(&self, base: &str) {
+        let mut target = self.0.write().unwrap();
+        *target = (vec![base.to_owned()], target.1 + 1);
+    }
+
+    fn pick(&self, i: usize) -> (String, u32) {
+        let target = self.0.read().unwrap();
+        (target.0[i % target.0.len()].clone(), target.1)
+    }
+}
+
 /// Every user loops `POST /counter` sequentially on `bases` (in turn, when
 /// there are several), until `stop` or the bounds. `t0` is the scenario's
 /// start, for the samples' times.
@@ -310,28 +348,41 @@ pub(crate) async fn counter_load(
     stop: Stop,
     bounds: LoadBounds,
 ) -> LoadReport {
+    counter_load_on(http, Target::new(bases), users, t0, stop, bounds).await
+}
+
+/// [`counter_load`] on a [`Target`].
+pub(crate) async fn counter_load_on(
+    http: &reqwest::Client,
+    target: Target,
+    users: Vec<User>,
+    t0: Instant,
+    stop: Stop,
+    bounds: LoadBounds,
+) -> LoadReport {
     let started = Instant::now();
     let tasks: Vec<_> = users
         .into_iter()
         .enumerate()
         .map(|(i, mut user)| {
             let http = http.clone();
-            let bases = bases.to_vec();
+            let target = target.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut samples = Vec::new();
-                let (mut mismatches, mut replaced) = (Vec::new(), Vec::new());
+                let (mut mismatches, mut replaced, mut landed) =
+                    (Vec::new(), Vec::new(), Vec::new());
                 let mut n = 0usize;
                 while !stop.stopped()
                     && started.elapsed() < bounds.max_time
                     && n < bounds.max_per_user
                 {
-                    let base = &bases[(i + n) % bases.len()];
+                    let (base, generation) = target.pick(i + n);
                     n += 1;
                     let sent = Instant::now();
                     let result = send(
                         &http,
-                        base,
+                        &base,
                         "POST",
                         "/counter",
                         user.cookie.as_deref(),
@@ -345,9 +396,10 @@ pub(crate) async fn counter_load(
                         latency,
                         status,
                         user: i,
+                        generation,
                     });
-                    if let Ok(a) = &result {
-                        if is_2xx(a.status) {
+                    match &result {
+                        Ok(a) if is_2xx(a.status) => {
                             let had = user.sid().map(str::to_owned);
                             if let Some(cookie) = &a.cookie {
                                 if user.adopt(cookie) && had.is_some() {
@@ -362,23 +414,41 @@ pub(crate) async fn counter_load(
                             }
                             let expected = user.acked() + 1;
                             let views = a.json()["views"].as_u64();
-                            if views != Some(expected) {
-                                mismatches.push(format!(
+                            let mut count = expected;
+                            match views {
+                                Some(v) if v == expected => {}
+                                // Earlier requests that got no 2xx landed.
+                                Some(v) if v > expected && v - expected <= user.unconfirmed => {
+                                    landed.push(format!(
+                                        "{} at {:?} on {base}: views {v}, {} acknowledged \
+                                         before; {} requests without a 2xx since",
+                                        user.name,
+                                        sent - t0,
+                                        user.acked(),
+                                        user.unconfirmed
+                                    ));
+                                    count = v;
+                                }
+                                _ => mismatches.push(format!(
                                     "{} at {:?} on {base}: views {views:?}, expected {expected}",
                                     user.name,
                                     sent - t0
-                                ));
+                                )),
                             }
                             if let Some(last) = user.sessions.last_mut() {
-                                last.1 += 1;
+                                last.1 = count;
                             }
+                            user.unconfirmed = 0;
                         }
+                        // A 4xx is a refusal that changed nothing.
+                        Ok(a) if (400..500).contains(&a.status) => {}
+                        _ => user.unconfirmed += 1,
                     }
                     if !bounds.pause.is_zero() {
                         tokio::time::sleep(bounds.pause).await;
                     }
                 }
-                (user, samples, mismatches, replaced)
+                (user, samples, mismatches, replaced, landed)
             })
         })
         .collect();
@@ -387,13 +457,15 @@ pub(crate) async fn counter_load(
         samples: Vec::new(),
         mismatches: Vec::new(),
         replaced: Vec::new(),
+        unacked_landed: Vec::new(),
     };
     for task in tasks {
-        let (user, samples, mismatches, replaced) = task.await.expect("load task");
+        let (user, samples, mismatches, replaced, landed) = task.await.expect("load task");
         report.users.push(user);
         report.samples.extend(samples);
         report.mismatches.extend(mismatches);
         report.replaced.extend(replaced);
+        report.unacked_landed.extend(landed);
     }
     report.samples.sort_by_key(|s| s.at);
     report
@@ -408,16 +480,26 @@ pub(crate) fn spawn_counter_load(
     t0: Instant,
     max_time: Duration,
 ) -> (Stop, tokio::task::JoinHandle<LoadReport>) {
+    let bounds = LoadBounds {
+        max_time,
+        ..LoadBounds::default()
+    };
+    spawn_counter_load_on(http, Target::new(&[base.to_owned()]), users, t0, bounds)
+}
+
+/// [`counter_load_on`], spawned; returns the [`Stop`] that ends it and the
+/// task that yields its report.
+pub(crate) fn spawn_counter_load_on(
+    http: &reqwest::Client,
+    target: Target,
+    users: Vec<User>,
+    t0: Instant,
+    bounds: LoadBounds,
+) -> (Stop, tokio::task::JoinHandle<LoadReport>) {
     let stop = Stop::default();
     let load = {
-        let (http, bases, stop) = (http.clone(), vec![base.to_owned()], stop.clone());
-        tokio::spawn(async move {
-            let bounds = LoadBounds {
-                max_time,
-                ..LoadBounds::default()
-            };
-            counter_load(&http, &bases, users, t0, stop, bounds).await
-        })
+        let (http, stop) = (http.clone(), stop.clone());
+        tokio::spawn(async move { counter_load_on(&http, target, users, t0, stop, bounds).await })
     };
     (stop, load)
 }
@@ -578,8 +660,12 @@ pub(crate) struct StoredCheck {
     pub(crate) stored: u64,
     /// Acknowledged increments missing from the table.
     pub(crate) lost: u64,
-    /// Increments in the table that no client was told about.
+    /// Increments in the table that no client was told about, beyond the
+    /// requests that got no 2xx but may have landed.
     pub(crate) extra: u64,
+    /// Increments in the table from requests that got no 2xx (no answer,
+    /// or a 5xx) but landed: allowed, counted.
+    pub(crate) unconfirmed_landed: u64,
     /// Logged-in sessions whose row lost its `user`.
     pub(crate) users_lost: usize,
     pub(crate) details: Vec<String>,
@@ -628,9 +714,17 @@ pub(crate) async fn check_stored(db: &TestDb, users: &[User]) -> StoredCheck {
                 None => (0, None),
             };
             check.stored += views;
-            if views != *acked {
+            let over = views.saturating_sub(*acked);
+            // Requests without a 2xx may have landed (the current session's only).
+            let allowed = if i == last {
+                over.min(user.unconfirmed)
+            } else {
+                0
+            };
+            check.unconfirmed_landed += allowed;
+            if views < *acked || over > allowed {
                 check.lost += acked.saturating_sub(views);
-                check.extra += views.saturating_sub(*acked);
+                check.extra += over - allowed;
                 check.details.push(format!(
                     "{} session {sid}: {acked} acknowledged, {views} stored{}",
                     user.name,
@@ -725,12 +819,14 @@ impl Figures {
             .set("acked", report.acked())
             .set("stale_reads", report.mismatches.len())
             .set("sessions_replaced", report.replaced.len())
+            .set("unacked_landed", report.unacked_landed.len())
     }
 
     pub(crate) fn stored(&mut self, check: &StoredCheck) -> &mut Self {
         self.set("stored", check.stored)
             .set("lost", check.lost)
             .set("extra", check.extra)
+            .set("unconfirmed_landed", check.unconfirmed_landed)
             .set("users_lost", check.users_lost)
     }
 
@@ -758,4 +854,135 @@ impl Figures {
             }
         }
     }
+}
+
+/// Kills a server with SIGKILL (no shutdown, no flush: as the OOM killer
+/// or a deploy tool out of patience would) and reaps it.
+pub(crate) async fn sigkill(serve: &mut ServeProcess) -> std::process::ExitStatus {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &serve.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -KILL failed");
+    serve.wait().await
+}
+
+/// Waits (at most `timeout`) until `/health` satisfies `check`; returns it.
+pub(crate) async fn wait_health(
+    http: &reqwest::Client,
+    base: &str,
+    timeout: Duration,
+    poll: Duration,
+    check: impl Fn(&Value) -> bool,
+) -> Option<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(h) = health(http, base).await {
+            if check(&h) {
+                return Some(h);
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// The sum of a metric's series in `/metrics` whose labels contain every
+/// one of `labels` (e.g. `op="save"`); `None` when `/metrics` did not
+/// answer.
+pub(crate) async fn metric(
+    http: &reqwest::Client,
+    base: &str,
+    name: &str,
+    labels: &[&str],
+) -> Option<f64> {
+    let a = send(http, base, "GET", "/metrics", None, None).await.ok()?;
+    (a.status == 200).then_some(())?;
+    Some(
+        a.body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+                (metric == name && labels.iter().all(|label| rest.contains(label)))
+                    .then(|| value.parse::<f64>().ok())
+                    .flatten()
+            })
+            .sum(),
+    )
+}
+
+/// A journal file (`journal-<pid>-<nanos>.log`) as found on disk.
+#[derive(Debug, Clone)]
+pub(crate) struct JournalFile {
+    pub(crate) name: String,
+    /// The pid in its name: the process that wrote it.
+    pub(crate) pid: u32,
+    /// Its unix permission bits.
+    pub(crate) mode: u32,
+    /// Sessions with a write not yet written back (the last `put` of a
+    /// session not followed by its `done`).
+    pub(crate) live: usize,
+}
+
+/// The journal files in `dir`, by name.
+pub(crate) fn journal_files(dir: &std::path::Path) -> Vec<JournalFile> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<JournalFile> = listing
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            let pid = name
+                .strip_prefix("journal-")?
+                .strip_suffix(".log")?
+                .split('-')
+                .next()?
+                .parse()
+                .ok()?;
+            let mode = e.metadata().ok()?.permissions().mode() & 0o777;
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            Some(JournalFile {
+                live: live_entries(&text),
+                name,
+                pid,
+                mode,
+            })
+        })
+        .collect();
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    files
+}
+
+/// Live entries of a journal file's text: per session, a `put` whose
+/// sequence number no later `done` names (records are `<crc> <json>`).
+fn live_entries(text: &str) -> usize {
+    let mut live: BTreeMap<String, u64> = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let Some((_, json)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(record) = serde_json::from_str::<Value>(json) else {
+            continue; // a torn last line
+        };
+        let Some(sid) = record["sid"].as_str() else {
+            continue;
+        };
+        if let Some(seq) = record["seq"]
+            .as_u64()
+            .filter(|_| record.get("put").is_some())
+        {
+            live.insert(sid.to_owned(), seq);
+        } else if let Some(done) = record["done"].as_u64() {
+            if live.get(sid) == Some(&done) {
+                live.remove(sid);
+            }
+        }
+    }
+    live.len()
 }

@@ -90,6 +90,15 @@ struct Live {
     line: String,
 }
 
+/// Whether an append keeps to `journal_max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    /// A new write: refused past the limit (the client gets a 503).
+    Kept,
+    /// What the journal must record about a write it already holds.
+    Ignored,
+}
+
 /// Sessions whose unanswered saves are remembered: beyond, the oldest are
 /// forgotten, and a conflict is reported rather than a guess made.
 const DOUBT_CAPACITY: usize = 10_000;
@@ -284,7 +293,17 @@ impl Fallback {
             entry.base.add_doc(digest(json));
             entry.in_doubt_since = Some(unix_ms_now());
         }
-        let ticket = inner.store(journal, sid, entry, previous)?;
+        // Refused: the documents the row may hold are not forgotten.
+        let docs = previous.is_none().then(|| entry.base.docs.clone());
+        let ticket = match inner.store(journal, sid, entry, previous) {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                if let Some(docs) = docs.filter(|d| !d.is_empty()) {
+                    inner.doubt.put(sid.to_owned(), docs);
+                }
+                return Err(e.into());
+            }
+        };
         inner.apply_to_cache(sid, self.settings);
         Ok(Journaled::Yes(ticket))
     }
@@ -376,9 +395,12 @@ impl Fallback {
         if in_doubt_since.is_some() {
             entry.in_doubt_since = in_doubt_since;
         }
-        // Not waited on: if it is lost in a crash, the entry meets a
-        // conflict at write-back and is kept as a dead letter, not lost.
-        let _ = inner.store(journal, sid, entry, Some(seq));
+        // Past the byte limit if need be: what the row may hold must reach
+        // the base, or the write-back would take this instance's own write
+        // for someone else's. Not waited on: if it is lost in a crash, the
+        // entry meets a conflict at write-back and is kept as a dead
+        // letter, not lost.
+        let _ = inner.store_with(journal, sid, entry, Some(seq), Limit::Ignored);
     }
 
     /// Runs `f` with the journal locked, if it is empty (closing the
@@ -454,7 +476,8 @@ impl Inner {
         true
     }
 
-    /// Appends `entry` as `sid`'s new state to the file, then to memory.
+    /// Appends `entry` as `sid`'s new state to the file, then to memory,
+    /// within the byte limit.
     fn store(
         &mut self,
         journal: &Journal,
@@ -462,22 +485,36 @@ impl Inner {
         entry: Entry,
         previous: Option<u64>,
     ) -> Result<Ticket, JournalError> {
+        self.store_with(journal, sid, entry, previous, Limit::Kept)
+    }
+
+    fn store_with(
+        &mut self,
+        journal: &Journal,
+        sid: &str,
+        entry: Entry,
+        previous: Option<u64>,
+        limit: Limit,
+    ) -> Result<Ticket, JournalError> {
         let seq = self.next_seq;
         let line = Journal::put_line(seq, sid, &entry);
         let replaced = previous
             .and_then(|_| self.journal.get(sid))
             .map_or(0, |l| l.line.len() as u64);
         let live = self.live_bytes - replaced + line.len() as u64;
-        let ticket = journal.append_put(&line, live, || {
-            // Compaction: every live record but the one being replaced,
-            // then this one.
-            self.order
-                .values()
-                .filter(|s| s.as_str() != sid)
-                .map(|s| self.journal[s].line.clone())
-                .chain(std::iter::once(line.clone()))
-                .collect()
-        })?;
+        let ticket = match limit {
+            Limit::Kept => journal.append_put(&line, live, || {
+                // Compaction: every live record but the one being
+                // replaced, then this one.
+                self.order
+                    .values()
+                    .filter(|s| s.as_str() != sid)
+                    .map(|s| self.journal[s].line.clone())
+                    .chain(std::iter::once(line.clone()))
+                    .collect()
+            })?,
+            Limit::Ignored => journal.append_put_unbounded(&line)?,
+        };
         self.next_seq += 1;
         if let Some(old) = self.journal.remove(sid) {
             self.order.remove(&old.seq);

@@ -225,6 +225,9 @@ struct Writer {
     /// Set when a write or an fsync failed: nothing more is acknowledged
     /// from this file (Linux may have dropped the pages that failed).
     broken: Option<String>,
+    /// The last append the disk refused (full, say), taken back cleanly;
+    /// cleared by the next append that works.
+    refused: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -283,6 +286,7 @@ impl Journal {
                 header,
                 written: 0,
                 broken: None,
+                refused: None,
             }),
             sync: Mutex::new(SyncState::default()),
             synced: tokio::sync::Notify::new(),
@@ -306,9 +310,11 @@ impl Journal {
         &self.dir
     }
 
-    /// Why the file takes no more writes, if it does not.
+    /// Why the file takes no more writes, or why the last one was refused
+    /// (a full disk), if so.
     pub(crate) fn broken(&self) -> Option<String> {
-        self.lock_writer().broken.clone()
+        let writer = self.lock_writer();
+        writer.broken.clone().or_else(|| writer.refused.clone())
     }
 
     fn lock_writer(&self) -> std::sync::MutexGuard<'_, Writer> {
@@ -387,6 +393,7 @@ impl Journal {
             Ok(()) => {
                 writer.bytes += line.len() as u64;
                 writer.written += 1;
+                writer.refused = None;
                 Ok(Ticket(writer.written))
             }
             Err(e) => {
@@ -395,6 +402,8 @@ impl Journal {
                 let reason = e.to_string();
                 if writer.file.set_len(before).is_err() {
                     writer.broken = Some(reason.clone());
+                } else {
+                    writer.refused = Some(format!("the last write was refused: {reason}"));
                 }
                 Err(self.io_error(reason))
             }

@@ -10,7 +10,9 @@
 //! with an unknown secret by neither); login on either side destroys the
 //! session the cookie carried; the row Rust writes has express-session's
 //! shape, connect-pg-simple's `expire`, and is read and rewritten by Node
-//! without error.
+//! without error; a session Node changes while the Rust server is cut off
+//! from the database (through the test kit's fault proxy) and journals a
+//! write of it is a write-back conflict, and Node's value is kept.
 //!
 //! Needs `node` (>= 20.9) and `npm`: `interop/node/node_modules` is installed
 //! with `npm ci` when it is missing or older than `package-lock.json`. The
@@ -512,6 +514,124 @@ async fn login_on_either_side_destroys_the_previous_session() {
     .await;
 }
 
+/// Cut off: Node changes a session while the Rust server, which had
+/// read it, is cut off from the database and journals a write of the same
+/// session. When Rust's link returns, its write-back finds a document it
+/// never saw: the conflict is counted and shown, Rust's write is kept as a
+/// dead letter, and Node's value stays in the table (and is what both
+/// serve from then on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_change_while_rust_is_cut_off_is_a_conflict_and_node_wins() {
+    Interop::run_with(RustLink::Proxied, |env| async move {
+        let (node, rust) = (&env.node, &env.rust);
+        let cut = env.cut.as_ref().context("a proxied Rust server")?;
+        let login = env
+            .post(node, "/login", None, json!({"user": "erin"}))
+            .await?;
+        login.expect(200, json!({"user": "erin"}))?;
+        let cookie = login.session_cookie()?;
+        let sid = env.sid_of(&cookie)?;
+        env.post(node, "/counter", Some(&cookie), json!({}))
+            .await?
+            .expect(200, json!({"views": 1}))?;
+        // Rust reads it (and so has it in its cache).
+        env.get(rust, "/me", Some(&cookie))
+            .await?
+            .expect(200, json!({"user": "erin", "views": 1}))?;
+
+        // Rust is cut off, and acknowledges an increment from its journal.
+        cut.proxy.refuse(true);
+        cut.proxy.reset_all();
+        env.post(rust, "/counter", Some(&cookie), json!({}))
+            .await?
+            .expect(200, json!({"views": 2}))?;
+        let health = env.get(rust, "/health", None).await?;
+        ensure!(
+            health.body["journal"]["entries"] == json!(1),
+            "Rust did not journal its write: {}",
+            health.body
+        );
+        // Node, still connected, changes the same session meanwhile.
+        for views in [2, 3] {
+            env.post(node, "/counter", Some(&cookie), json!({}))
+                .await?
+                .expect(200, json!({"views": views}))?;
+        }
+
+        // The link returns; Rust writes its journal back.
+        cut.proxy.heal();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let health = loop {
+            let health = env.get(rust, "/health", None).await?;
+            let h = &health.body;
+            if h["breaker"] == json!("closed") && h["journal"]["entries"] == json!(0) {
+                break health;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "Rust did not write its journal back within 60 s: {h}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let h = &health.body;
+        let conflicts = h["journal"]["conflicts"].as_u64().unwrap_or(0);
+        let events: Vec<&Value> = h["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["kind"] == json!("conflict"))
+            .collect();
+        let letters = pgsession::dead_letter::read(cut.journal_dir.path())?;
+        let row = env.row(&sid).await?.context("the session row is gone")?;
+        println!(
+            "FIGURES node_interop_conflict conflicts={conflicts} conflict_events={} \
+             dead_letters={} stored_views={}",
+            events.len(),
+            letters.len(),
+            row.sess["views"]
+        );
+
+        ensure!(conflicts >= 1, "no conflict counted: {h}");
+        ensure!(
+            events
+                .iter()
+                .any(|e| e["message"].as_str().is_some_and(|m| m.contains("changed"))),
+            "no `changed` conflict event: {h}"
+        );
+        ensure!(
+            row.sess["views"] == json!(3) && row.sess["user"] == json!("erin"),
+            "Node's write was undone: {}",
+            row.sess
+        );
+        check_express_session_shape(&row, "kept from Node")?;
+        let letter = letters
+            .iter()
+            .find(|l| l.sid == sid)
+            .with_context(|| format!("no dead letter for the session: {letters:?}"))?;
+        ensure!(
+            letter.kind == pgsession::dead_letter::Conflict::Changed,
+            "{letter:?}"
+        );
+        let pgsession::dead_letter::Write::Save { json: doc, .. } = &letter.write else {
+            bail!("the dead letter is not Rust's save: {letter:?}");
+        };
+        let doc: Value = serde_json::from_str(doc)?;
+        ensure!(
+            doc["views"] == json!(2),
+            "Rust's write is not kept aside: {doc}"
+        );
+
+        // Both serve Node's value.
+        for server in [node, rust] {
+            env.get(server, "/counter", Some(&cookie))
+                .await?
+                .expect(200, json!({"views": 3}))?;
+        }
+        Ok(())
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // Checks on stored rows
 // ---------------------------------------------------------------------------
@@ -657,10 +777,29 @@ impl Server {
 struct Interop {
     node: Server,
     rust: Server,
+    /// With [`RustLink::Proxied`]: the proxy between Rust and the database,
+    /// and Rust's journal directory.
+    cut: Option<CutOff>,
     http: reqwest::Client,
     sql: tokio_postgres::Client,
     secrets: Secrets,
     _db: TestDb,
+}
+
+/// How the Rust server reaches the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RustLink {
+    /// Straight (Node always is).
+    Direct,
+    /// Through a fault proxy, to be cut off; the database is then in a
+    /// throwaway cluster of its own.
+    Proxied,
+}
+
+/// What a scenario with a Rust server that can be cut off has.
+struct CutOff {
+    proxy: pgsession_testkit::FaultProxy,
+    journal_dir: tempfile::TempDir,
 }
 
 impl Interop {
@@ -671,7 +810,18 @@ impl Interop {
         F: FnOnce(Arc<Interop>) -> Fut,
         Fut: std::future::Future<Output = Result<()>>,
     {
-        let env = Arc::new(match Interop::start().await {
+        Interop::run_with(RustLink::Direct, scenario).await;
+    }
+
+    /// [`Interop::run`], with Rust reaching the database as `link` says.
+    /// With [`RustLink::Proxied`], Rust's warnings are expected (the cut
+    /// itself, and the conflicts it leads to); its errors are not.
+    async fn run_with<F, Fut>(link: RustLink, scenario: F)
+    where
+        F: FnOnce(Arc<Interop>) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let env = Arc::new(match Interop::start(link).await {
             Ok(env) => env,
             Err(e) => panic!("setting up the interop test failed: {e:#}"),
         });
@@ -699,7 +849,10 @@ impl Interop {
             let stderr = env.rust.stderr();
             let lines: Vec<&str> = stderr
                 .lines()
-                .filter(|line| line.contains(" ERROR ") || line.contains(" WARN session_store"))
+                .filter(|line| {
+                    line.contains(" ERROR ")
+                        || (link == RustLink::Direct && line.contains(" WARN session_store"))
+                })
                 .collect();
             (!lines.is_empty()).then(|| format!("{RUST} logged:\n{}", lines.join("\n")))
         });
@@ -708,10 +861,14 @@ impl Interop {
         }
     }
 
-    async fn start() -> Result<Interop> {
+    async fn start(link: RustLink) -> Result<Interop> {
         let node_dir = node_dir();
         ensure_node_modules(&node_dir)?;
-        let db = TestDb::new().await.context("creating the test database")?;
+        let db = match link {
+            RustLink::Direct => TestDb::new().await,
+            RustLink::Proxied => TestDb::throwaway().await,
+        }
+        .context("creating the test database")?;
         let sql = db
             .client()
             .await
@@ -732,8 +889,41 @@ impl Interop {
         .await
         .context("setting the database's time zone")?;
 
+        let cut = match link {
+            RustLink::Direct => None,
+            RustLink::Proxied => {
+                let cluster = db.cluster().context("a throwaway cluster")?;
+                Some(CutOff {
+                    proxy: pgsession_testkit::FaultProxy::start(cluster.socket_addr())
+                        .await
+                        .context("starting the fault proxy")?,
+                    journal_dir: tempfile::tempdir()?,
+                })
+            }
+        };
+        let (rust_url, journal_dir) = match &cut {
+            None => (db.url().to_owned(), None),
+            Some(cut) => (
+                cut.proxy.url_for(db.name()),
+                Some(
+                    cut.journal_dir
+                        .path()
+                        .to_str()
+                        .context("a UTF-8 temporary path")?
+                        .to_owned(),
+                ),
+            ),
+        };
+        let mut extra = Vec::new();
+        if let Some(dir) = &journal_dir {
+            // A short ceiling on the breaker's cool-down: Rust probes soon
+            // after its link returns.
+            extra.push(("PGSESSION_JOURNAL_DIR", dir.as_str()));
+            extra.push(("PGSESSION_BREAKER_MAX_COOL_DOWN", "2s"));
+        }
+
         // Rust first, so that the table Node finds is the one Rust made.
-        let rust = start_rust(db.url(), &http).await?;
+        let rust = start_rust(&rust_url, &extra, &http).await?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let row = sql
@@ -758,6 +948,7 @@ impl Interop {
         Ok(Interop {
             node,
             rust,
+            cut,
             http,
             sql,
             secrets: Secrets::parse_list(SECRETS)?,
@@ -1060,17 +1251,19 @@ fn clean_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
 
 /// `pgsession serve` (through the shared harness, which picks a free port
 /// and waits for `/healthz`), ready once `/readyz` answers 200 too.
-async fn start_rust(database_url: &str, http: &reqwest::Client) -> Result<Server> {
-    let serve = common::ServeProcess::start(
-        Some(database_url),
-        &[
-            ("PGSESSION_SECRET", SECRETS),
-            ("PGSESSION_TABLE", TABLE),
-            ("PGSESSION_COOKIE_SECURE", "false"),
-            ("RUST_LOG", "info"),
-        ],
-    )
-    .await;
+async fn start_rust(
+    database_url: &str,
+    extra_env: &[(&str, &str)],
+    http: &reqwest::Client,
+) -> Result<Server> {
+    let mut env = vec![
+        ("PGSESSION_SECRET", SECRETS),
+        ("PGSESSION_TABLE", TABLE),
+        ("PGSESSION_COOKIE_SECURE", "false"),
+        ("RUST_LOG", "info"),
+    ];
+    env.extend_from_slice(extra_env);
+    let serve = common::ServeProcess::start(Some(database_url), &env).await;
     let base = serve.url("");
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {

@@ -18,3 +18,5 @@ mod observability;
 mod dashboard;
 // `pgsession doctor` against a good, a stopped and a slow database.
 mod doctor;
+// `pgsession journal`: dead letters listed, replayed, discarded.
+mod journal;

@@ -100,15 +100,16 @@ pub(crate) struct Statements {
     pub(crate) load_many: String,
     pub(crate) save: String,
     pub(crate) save_many: String,
+    /// A new session, only if its id is free: tower-sessions' `create`,
+    /// and the write-back of a session created during an outage. Inserts
+    /// one row or none.
+    pub(crate) insert: String,
     pub(crate) touch: String,
     pub(crate) destroy: String,
     pub(crate) count: String,
     pub(crate) count_expired: String,
     pub(crate) clear: String,
     pub(crate) prune_batch: String,
-    /// Write-back of a session created during an outage: only if its id
-    /// is still free.
-    pub(crate) writeback_insert: String,
     /// Write-back of a save: only if the row holds one of the documents
     /// (SHA-256, hex) it was based on.
     pub(crate) writeback_update: String,
@@ -156,6 +157,10 @@ impl Statements {
                 "INSERT INTO {t} (sid, sess, expire) VALUES ($1, $2::text::json, $3) \
                  ON CONFLICT (sid) DO UPDATE SET sess = EXCLUDED.sess, expire = EXCLUDED.expire"
             ),
+            insert: format!(
+                "INSERT INTO {t} (sid, sess, expire) VALUES ($1, $2::text::json, $3) \
+                 ON CONFLICT (sid) DO NOTHING"
+            ),
             touch: format!("UPDATE {t} SET expire = $2 WHERE sid = $1"),
             destroy: format!("DELETE FROM {t} WHERE sid = $1"),
             count: format!("SELECT count(*) FROM {t} WHERE expire >= {NOW_UTC}"),
@@ -166,10 +171,6 @@ impl Statements {
             prune_batch: format!(
                 "DELETE FROM {t} WHERE sid = ANY(ARRAY(\
                  SELECT sid FROM {t} WHERE expire < {NOW_UTC} LIMIT $1 FOR UPDATE SKIP LOCKED))"
-            ),
-            writeback_insert: format!(
-                "INSERT INTO {t} (sid, sess, expire) VALUES ($1, $2::text::json, $3) \
-                 ON CONFLICT (sid) DO NOTHING"
             ),
             writeback_update: format!(
                 "UPDATE {t} SET sess = $2::text::json, expire = $3 \

@@ -18,8 +18,33 @@
 //! (which connect-pg-simple's `touch` moves without rewriting the document).
 //! A row whose document is not a JSON object (or whose `cookie` is not one)
 //! is treated as no session, with a warning that names neither the full id
-//! nor the data. The key `cookie` is reserved: saving a record whose data
-//! has it fails with [`session_store::Error::Encode`] rather than losing it.
+//! nor the data.
+//!
+//! A data key named `cookie` works: since express-session keeps its cookie
+//! under that name, the adapter stores the key `cookie` as `_cookie`, and
+//! any key of the form `_…_cookie` (underscores, then `cookie`) with one
+//! more underscore, and reverses this when it loads. Only those keys
+//! change, so a Node service sharing the table sees them with the extra
+//! underscore. (tower-sessions' `Session::insert` never reaches the store,
+//! so the adapter could not refuse the key there, only at save time.)
+//!
+//! Expiry dates are kept to the microsecond, as the `timestamp(6)` column
+//! does: [`create`](SessionStore::create) and [`save`](SessionStore::save)
+//! store the record's expiry date cut to whole microseconds, and `create`
+//! cuts the record it is given too, so that what it holds is exactly what
+//! [`load`](SessionStore::load) returns. A record given to `save` (which
+//! cannot be changed) loads back up to 999 ns earlier than its
+//! `expiry_date`.
+//!
+//! [`create`](SessionStore::create) is atomic: an insert-only statement,
+//! drawing a new id until it finds a free one, so concurrent creates never
+//! overwrite one another. An id held by any row, even an expired one, is
+//! taken. While the database is away, a created session is fsynced to the
+//! journal like every write of an outage (an id that the journal or the
+//! cache knows is taken); at write-back it is inserted only if its id is
+//! still free, and otherwise kept as a dead letter (`id_taken`, see
+//! `pgsession journal`). With 128 random bits per id, that takes a broken
+//! random number generator.
 //!
 //! Two things a shared table does not make shared: the cookies (tower-sessions
 //! sends the bare id, express-session a signed `s:` value), and a
@@ -105,31 +130,38 @@ impl From<Store> for TowerSessionStore {
 
 #[async_trait]
 impl SessionStore for TowerSessionStore {
-    /// Saves a new session under an id no live session has.
-    ///
-    /// Ids are 128 random bits, so a collision means a broken random number
-    /// generator rather than bad luck; checking with a `load` before the
-    /// `save` (which is an upsert) is then enough, although it is not
-    /// atomic: two requests would have to draw the same id within the same
-    /// round trip. An expired row still in the table is not live, and is
-    /// replaced.
+    /// Saves a new session under an id no row has, drawing new ids until
+    /// one is free: one insert-only statement per id, so that of
+    /// concurrent creates of one id exactly one keeps it. Cuts the record's
+    /// expiry date to whole microseconds, as it is stored.
     async fn create(&self, record: &mut Record) -> session_store::Result<()> {
-        while self
-            .store
-            .load(&record.id.to_string())
-            .await
-            .map_err(backend)?
-            .is_some()
-        {
+        record.expiry_date = to_micros(record.expiry_date);
+        let json = encode(record, OffsetDateTime::now_utc())?;
+        for _ in 0..CREATE_ATTEMPTS {
+            let sid = record.id.to_string();
+            let inserted = self
+                .store
+                .insert(&sid, &json, record.expiry_date)
+                .await
+                .map_err(backend)?;
+            if inserted {
+                return Ok(());
+            }
             record.id = Id::default();
         }
-        self.save(record).await
+        Err(session_store::Error::Backend(format!(
+            "no free session id after {CREATE_ATTEMPTS} random ids: is the random number \
+             generator broken?"
+        )))
     }
 
+    /// Inserts or replaces the session, its expiry date cut to whole
+    /// microseconds.
     async fn save(&self, record: &Record) -> session_store::Result<()> {
+        let expire = to_micros(record.expiry_date);
         let json = encode(record, OffsetDateTime::now_utc())?;
         self.store
-            .save(&record.id.to_string(), &json, record.expiry_date)
+            .save(&record.id.to_string(), &json, expire)
             .await
             .map_err(backend)
     }
@@ -142,7 +174,11 @@ impl SessionStore for TowerSessionStore {
         match SessionRecord::from_json(&stored.json) {
             Ok(document) => Ok(Some(Record {
                 id: *id,
-                data: document.into_data().into_iter().collect(),
+                data: document
+                    .into_data()
+                    .into_iter()
+                    .map(|(key, value)| (data_key(key), value))
+                    .collect(),
                 expiry_date: stored.expire,
             })),
             Err(e) => {
@@ -179,25 +215,61 @@ impl ExpiredDeletion for TowerSessionStore {
     }
 }
 
+/// Ids [`create`](SessionStore::create) draws before it gives up. Ids are
+/// 128 random bits: a second taken one already means a broken generator.
+const CREATE_ATTEMPTS: usize = 16;
+
 /// The express-session document for `record`, saved at `now`.
 ///
 /// tower-sessions keeps only the expiry date, so `originalMaxAge` is the
 /// lifetime left at `now` (what express-session's `maxAge` would say) to the
 /// nearest millisecond, never negative; `expires` is the expiry date itself.
 fn encode(record: &Record, now: OffsetDateTime) -> session_store::Result<String> {
-    let remaining = ((record.expiry_date - now).whole_microseconds() + 500).max(0) / 1000;
+    let expires = to_micros(record.expiry_date);
+    let remaining = ((expires - now).whole_microseconds() + 500).max(0) / 1000;
     let cookie = CookieData {
         original_max_age: Some(i64::try_from(remaining).unwrap_or(i64::MAX)),
-        expires: Some(record.expiry_date),
+        expires: Some(expires),
         ..CookieData::default()
     };
     let mut document = SessionRecord::new(cookie);
     for (key, value) in &record.data {
         document
-            .insert(key.as_str(), value)
+            .insert(stored_key(key), value)
             .map_err(|e| session_store::Error::Encode(e.to_string()))?;
     }
     Ok(document.to_json())
+}
+
+/// `at` cut to whole microseconds: what the `timestamp(6)` column keeps.
+fn to_micros(at: OffsetDateTime) -> OffsetDateTime {
+    let nanos = at.nanosecond();
+    at.replace_nanosecond(nanos - nanos % 1_000)
+        .expect("a whole number of microseconds is a valid nanosecond")
+}
+
+/// Whether `key` is `cookie` after zero or more underscores: the keys
+/// [`stored_key`] escapes.
+fn is_cookie_like(key: &str) -> bool {
+    key.trim_start_matches('_') == "cookie"
+}
+
+/// A data key as the document holds it: `cookie` (express-session's own)
+/// and the keys that look like its escaped form get one more `_`.
+fn stored_key(key: &str) -> std::borrow::Cow<'_, str> {
+    if is_cookie_like(key) {
+        format!("_{key}").into()
+    } else {
+        key.into()
+    }
+}
+
+/// A document's key as tower-sessions data: [`stored_key`] reversed.
+fn data_key(key: String) -> String {
+    match key.strip_prefix('_') {
+        Some(unescaped) if is_cookie_like(&key) => unescaped.to_owned(),
+        _ => key,
+    }
 }
 
 /// Why a stored document cannot be read, without quoting any of it.
@@ -268,16 +340,36 @@ mod tests {
     }
 
     #[test]
-    fn the_cookie_key_is_refused() {
+    fn cookie_like_keys_are_escaped_one_to_one() {
+        for (key, stored) in [
+            ("cookie", "_cookie"),
+            ("_cookie", "__cookie"),
+            ("__cookie", "___cookie"),
+            ("cookies", "cookies"),
+            ("_", "_"),
+            ("_user", "_user"),
+            ("Cookie", "Cookie"),
+        ] {
+            assert_eq!(stored_key(key), stored, "{key}");
+            assert_eq!(data_key(stored.to_owned()), key, "{stored}");
+        }
         let mut data = Data::new();
         data.insert("cookie".into(), Value::from("mine"));
-        let now = OffsetDateTime::now_utc();
-        match encode(&record(data, now), now) {
-            Err(session_store::Error::Encode(message)) => {
-                assert!(message.contains("reserved"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
+        let now = datetime!(2026-11-26 18:00 UTC);
+        let json = encode(&record(data, now), now).unwrap();
+        assert!(json.contains(r#""_cookie":"mine""#), "{json}");
+        assert!(
+            json.starts_with(r#"{"cookie":{"originalMaxAge":0,"#),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn expiry_dates_are_cut_to_microseconds() {
+        let at = datetime!(2026-11-26 18:00:00.123_456_789 UTC);
+        assert_eq!(to_micros(at), datetime!(2026-11-26 18:00:00.123_456 UTC));
+        let whole = datetime!(2026-11-26 18:00:00.123_456 UTC);
+        assert_eq!(to_micros(whole), whole);
     }
 
     #[test]

@@ -158,7 +158,7 @@ impl Store {
                 ];
                 if entry.base.absent
                     && self
-                        .execute(&sql.writeback_insert, insert, deadline)
+                        .execute(&sql.insert, insert, deadline)
                         .await?
                         == 1
                 {
@@ -186,7 +186,7 @@ impl Store {
                     (None, true) => {
                         // Its id was taken and freed again meanwhile.
                         match self
-                            .execute(&sql.writeback_insert, insert, deadline)
+                            .execute(&sql.insert, insert, deadline)
                             .await?
                         {
                             1 => Landing::Landed,

@@ -90,6 +90,11 @@ struct HttpArgs {
     /// first with `cargo build --release -p pgsession-cli`.
     #[arg(long)]
     pgsession_bin: Option<PathBuf>,
+    /// An earlier `pgsession` binary, run as server `baseline` (add it to
+    /// `--servers`) in the same alternating slices: what a change costs,
+    /// measured in one run.
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -164,8 +169,15 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
             let log = logs
                 .path()
                 .join(format!("{}-{}.log", server.name(), workload.name()));
+            let bin = match server {
+                ServerKind::Baseline => args.baseline_bin.as_deref().context(
+                    "server `baseline` needs --baseline-bin (an earlier pgsession binary)",
+                )?,
+                _ => pgsession_bin.as_path(),
+            };
+            let journal = logs.path().join(format!("journal-{}", server.name()));
             let process =
-                ServerProcess::start(server, &pgsession_bin, db.url(), rolling, &log).await?;
+                ServerProcess::start(server, bin, db.url(), rolling, &log, &journal).await?;
             runs.push((server, process, load::LoadResult::default()));
         }
         let mut drivers = Vec::new();
@@ -286,14 +298,16 @@ impl ServerProcess {
         database_url: &str,
         rolling: bool,
         log: &Path,
+        journal_dir: &Path,
     ) -> anyhow::Result<ServerProcess> {
         let addr = free_addr()?;
         let mut command = match kind {
-            ServerKind::Pgsession => {
+            ServerKind::Pgsession | ServerKind::Baseline => {
                 let mut command = tokio::process::Command::new(pgsession_bin);
                 command
                     .arg("serve")
                     .env("DATABASE_URL", database_url)
+                    .env("PGSESSION_JOURNAL_DIR", journal_dir)
                     .env(
                         "PGSESSION_SECRET",
                         "pgsession-bench-secret-0123456789abcdef",

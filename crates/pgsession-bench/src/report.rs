@@ -14,6 +14,9 @@ pub(crate) enum ServerKind {
     Pgsession,
     /// axum + tower-sessions + tower-sessions-sqlx-store (`peer-server`).
     Peer,
+    /// Another `pgsession` binary (`--baseline-bin`): an earlier build,
+    /// measured in the same run to show what a change costs.
+    Baseline,
 }
 
 impl ServerKind {
@@ -22,6 +25,7 @@ impl ServerKind {
         match self {
             ServerKind::Pgsession => "pgsession",
             ServerKind::Peer => "peer",
+            ServerKind::Baseline => "baseline",
         }
     }
 }
@@ -124,7 +128,37 @@ pub(crate) fn http_table(rows: &[HttpRow]) -> String {
             verdict(ratio >= target),
         );
     }
+    if workloads_of(rows).any(|w| find(w, ServerKind::Baseline).is_some()) {
+        out.push_str(
+            "\n| workload | requests/s pgsession / baseline | p99 pgsession / baseline |\n",
+        );
+        out.push_str("|---|---:|---:|\n");
+        for w in workloads_of(rows) {
+            let (Some(ours), Some(base)) = (
+                find(w, ServerKind::Pgsession),
+                find(w, ServerKind::Baseline),
+            ) else {
+                continue;
+            };
+            let ratio = ours.load.rate() / base.load.rate().max(f64::EPSILON);
+            let p99 = match (ours.load.quantile(0.99), base.load.quantile(0.99)) {
+                (Some(a), Some(b)) => format!(
+                    "{:.2}×",
+                    a.as_secs_f64() / b.as_secs_f64().max(f64::EPSILON)
+                ),
+                _ => "-".into(),
+            };
+            let _ = writeln!(out, "| {} | {ratio:.3}× | {p99} |", w.name());
+        }
+    }
     out
+}
+
+/// The workloads of `rows`, in order, once each.
+fn workloads_of(rows: &[HttpRow]) -> impl Iterator<Item = Workload> {
+    let mut workloads: Vec<Workload> = rows.iter().map(|r| r.workload).collect();
+    workloads.dedup();
+    workloads.into_iter()
 }
 
 /// A store operation.

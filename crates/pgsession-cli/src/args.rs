@@ -3,11 +3,13 @@
 //! a [`pgsession::ConfigBuilder`].
 //!
 //! The store flags are not written out by hand: [`StoreArgs`] makes one flag
-//! per entry of [`pgsession::config::ENV_SETTINGS`] (`PGSESSION_POOL_SIZE`
+//! per entry of the library's list of settings ([`pgsession::config::SETTINGS`]),
+//! with its variable, default and help from there (`PGSESSION_POOL_SIZE`
 //! becomes `--pool-size`, `DATABASE_URL` becomes `--database-url`), so a
 //! setting added to the library is at once a flag and a variable here, and
 //! both go through the library's own parser ([`ConfigBuilder::set`]). A
-//! command-line flag wins over its variable.
+//! command-line flag wins over its variable; a default is only shown, and
+//! left to the library.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
-use pgsession::config::ENV_SETTINGS;
+use pgsession::config::SETTINGS;
 use pgsession::ConfigBuilder;
 
 use crate::UsageError;
@@ -174,8 +176,9 @@ pub(crate) struct ServeArgs {
     pub(crate) listen: String,
 
     /// Cookie signing secrets, comma-separated: the first signs, all verify.
-    /// Default: a random secret made at start (sessions then do not survive
-    /// a restart).
+    /// Default: a secret made at the first start and kept in
+    /// `<data-dir>/secret` (mode 0600), so that sessions survive a restart
+    /// (with the in-memory store, a new one at each start).
     #[arg(
         long,
         env = "PGSESSION_SECRET",
@@ -210,7 +213,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "PGSESSION_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub(crate) shutdown_grace: Duration,
 
-    /// Where the embedded PostgreSQL keeps its data when DATABASE_URL is not set.
+    /// Where the embedded PostgreSQL keeps its data when DATABASE_URL is not
+    /// set, and the signing secret made when PGSESSION_SECRET is not set.
     #[arg(
         long,
         env = "PGSESSION_DATA_DIR",
@@ -266,100 +270,6 @@ struct StoreValue {
     value: String,
 }
 
-/// The flag of a library setting: `pool_size` → `pool-size`, `url` →
-/// `database-url`.
-fn flag_name(setting: &str) -> String {
-    match setting {
-        "url" => "database-url".to_owned(),
-        other => other.replace('_', "-"),
-    }
-}
-
-/// Help for the settings the library has at the time of writing; a setting
-/// added later still gets a flag, with a generic help line.
-fn setting_help(setting: &str) -> &'static str {
-    match setting {
-        "url" => {
-            "PostgreSQL URL, as libpq takes it (postgres://user:pass@host:port/db?sslmode=...)"
-        }
-        "pool_size" => "Connections in the session pool [default: 5]",
-        "pool_max_size" => "Ceiling the pool may grow to under load [default: twice the pool size]",
-        "min_idle" => "Connections kept open even when idle [default: 1]",
-        "idle_timeout" => "Idle connections above the minimum are closed after this [default: 30s]",
-        "connect_timeout" => "Deadline to open a connection, TLS and login included [default: 20s]",
-        "acquire_timeout" => "Deadline to get a connection from a busy pool [default: 5s]",
-        "statement_timeout" => "Server-side statement_timeout [default: 30s]",
-        "query_timeout" => "Client-side deadline of one operation, retries included [default: 30s]",
-        "max_uses" => "Uses after which a connection is replaced [default: 7500]",
-        "keepalive_idle" => "Idle time before the first TCP keepalive probe [default: 10s]",
-        "startup_retries" => "Start-up attempts after the first [default: 3]",
-        "startup_backoff" => "First start-up backoff, doubled each time [default: 1s]",
-        "schema" => "Schema of the session table [default: public]",
-        "table" => "Name of the session table [default: session_store]",
-        "create_table" => "Create the table when it is missing (true|false) [default: true]",
-        "lifetime" => "Lifetime of a session whose cookie sets none [default: 1d]",
-        "prune_interval" => "Mean interval between prunes, randomized 50-150 % [default: 15m]",
-        "prune_batch_size" => "Rows deleted per prune statement [default: 1000]",
-        "pooler" => "direct, session or transaction (PgBouncer transaction mode) [default: direct]",
-        "max_session_bytes" => "Largest session document accepted, in bytes [default: 65536]",
-        "health_check_interval" => "Interval of the health check [default: 30s]",
-        "slow_check_threshold" => "A health check slower than this is a warning [default: 1s]",
-        "breaker_threshold" => {
-            "Transient failures in a row that open the circuit breaker [default: 5]"
-        }
-        "breaker_cool_down" => {
-            "First wait before the open breaker lets a probe through [default: 1s]"
-        }
-        "breaker_max_cool_down" => "Ceiling of the breaker's cool-down [default: 30s]",
-        "cache_max_entries" => {
-            "Sessions kept in the fallback cache, 0 turns it off [default: 10000]"
-        }
-        "cache_max_bytes" => "Bytes of sessions kept in the fallback cache [default: 16 MiB]",
-        "journal_max_bytes" => {
-            "Bytes the on-disk journal may hold during an outage; past it, 503 [default: 64 MiB]"
-        }
-        "journal_dir" => {
-            "Directory of the on-disk journal, on a persistent disk [default: .pgsession/journal]"
-        }
-        "fallback" => "Serve from the cache and journal while the database is away [default: true]",
-        "tls_insecure" => "Accept any server certificate (tests only) [default: false]",
-        _ => "A store setting (see pgsession::Config)",
-    }
-}
-
-/// The placeholder shown in `--help` for a setting's value.
-fn value_name(setting: &str) -> &'static str {
-    match setting {
-        "url" => "URL",
-        "schema" | "table" => "NAME",
-        "pooler" => "MODE",
-        "create_table" | "tls_insecure" | "fallback" => "BOOL",
-        "journal_dir" => "DIR",
-        "pool_size" | "pool_max_size" | "min_idle" | "max_uses" | "startup_retries"
-        | "prune_batch_size" | "max_session_bytes" | "breaker_threshold" | "cache_max_entries"
-        | "cache_max_bytes" | "journal_max_bytes" => "N",
-        "idle_timeout"
-        | "connect_timeout"
-        | "acquire_timeout"
-        | "statement_timeout"
-        | "query_timeout"
-        | "keepalive_idle"
-        | "startup_backoff"
-        | "lifetime"
-        | "prune_interval"
-        | "health_check_interval"
-        | "slow_check_threshold"
-        | "breaker_cool_down"
-        | "breaker_max_cool_down" => "DURATION",
-        _ => "VALUE",
-    }
-}
-
-/// Settings whose values must not appear in `--help`.
-fn is_secret(setting: &str) -> bool {
-    setting == "url"
-}
-
 impl StoreArgs {
     /// Builds from explicit `(setting, value)` pairs, as if given as flags
     /// (for tests).
@@ -370,7 +280,7 @@ impl StoreArgs {
                 .iter()
                 .map(|(setting, value)| StoreValue {
                     setting,
-                    origin: format!("--{}", flag_name(setting)),
+                    origin: format!("--{}", setting.replace('_', "-")),
                     value: (*value).to_owned(),
                 })
                 .collect(),
@@ -423,21 +333,23 @@ impl FromArgMatches for StoreArgs {
     }
 
     fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
-        for (env, setting) in ENV_SETTINGS {
-            let Some(value) = matches.get_one::<String>(setting) else {
+        for setting in SETTINGS {
+            let origin = match matches.value_source(setting.name) {
+                Some(ValueSource::EnvVariable) => setting.env.to_owned(),
+                Some(ValueSource::CommandLine) => format!("--{}", setting.flag()),
+                // The default is shown in --help; the library applies it.
+                _ => continue,
+            };
+            let Some(value) = matches.get_one::<String>(setting.name) else {
                 continue;
             };
             // An empty variable counts as unset, as in the library.
             if value.trim().is_empty() {
                 continue;
             }
-            let origin = match matches.value_source(setting) {
-                Some(ValueSource::EnvVariable) => (*env).to_owned(),
-                _ => format!("--{}", flag_name(setting)),
-            };
-            self.values.retain(|v| v.setting != *setting);
+            self.values.retain(|v| v.setting != setting.name);
             self.values.push(StoreValue {
-                setting,
+                setting: setting.name,
                 origin,
                 value: value.clone(),
             });
@@ -448,17 +360,20 @@ impl FromArgMatches for StoreArgs {
 
 impl Args for StoreArgs {
     fn augment_args(cmd: clap::Command) -> clap::Command {
-        ENV_SETTINGS.iter().fold(cmd, |cmd, (env, setting)| {
-            cmd.arg(
-                clap::Arg::new(*setting)
-                    .long(flag_name(setting))
-                    .env(*env)
-                    .hide_env_values(is_secret(setting))
-                    .value_name(value_name(setting))
-                    .help(setting_help(setting))
-                    .help_heading("Store")
-                    .action(clap::ArgAction::Set),
-            )
+        SETTINGS.iter().fold(cmd, |cmd, setting| {
+            let arg = clap::Arg::new(setting.name)
+                .long(setting.flag())
+                .env(setting.env)
+                .hide_env_values(setting.secret)
+                .value_name(setting.value_name)
+                .help(setting.summary().trim_end_matches('.').to_owned())
+                .long_help(setting.description())
+                .help_heading("Store")
+                .action(clap::ArgAction::Set);
+            cmd.arg(match setting.default {
+                Some(default) => arg.default_value(default),
+                None => arg,
+            })
         })
     }
 
@@ -511,19 +426,40 @@ mod tests {
     }
 
     #[test]
-    fn every_library_setting_has_a_flag_and_a_variable() {
+    fn every_library_setting_has_a_flag_a_variable_and_help() {
         let cmd = Cli::command();
         let serve = cmd.find_subcommand("serve").expect("serve");
-        for (env, setting) in ENV_SETTINGS {
+        for (env, setting) in pgsession::config::ENV_SETTINGS {
             let arg = serve
                 .get_arguments()
                 .find(|a| a.get_id() == *setting)
                 .unwrap_or_else(|| panic!("no flag for {setting}"));
             assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(*env));
-            assert_ne!(
-                setting_help(setting),
-                "A store setting (see pgsession::Config)",
-                "write a help line for {setting}"
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(help.len() > 20, "{setting}: {help:?}");
+        }
+        let pool_size = serve.get_arguments().find(|a| a.get_id() == "pool_size");
+        let pool_size = pool_size.expect("--pool-size");
+        assert_eq!(pool_size.get_long(), Some("pool-size"));
+        assert_eq!(pool_size.get_default_values(), ["5"]);
+        let url = serve.get_arguments().find(|a| a.get_id() == "url");
+        assert_eq!(url.expect("url").get_long(), Some("database-url"));
+    }
+
+    #[test]
+    fn defaults_are_shown_but_left_to_the_library() {
+        let cli = parse_from(["pgsession", "migrate"]).unwrap();
+        let Command::Migrate(args) = cli.command else {
+            panic!("migrate")
+        };
+        // Only what the environment of the test process sets, if anything.
+        for v in &args.store.values {
+            assert!(
+                SETTINGS
+                    .iter()
+                    .any(|s| s.name == v.setting && std::env::var_os(s.env).is_some()),
+                "{} taken from its default",
+                v.setting
             );
         }
     }

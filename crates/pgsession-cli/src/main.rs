@@ -27,7 +27,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", error_chain(&err));
+            // Every error of the library says its cause once (in its
+            // message or as its source, never both), so anyhow's chain is
+            // printed as it is.
+            eprintln!("error: {err:#}");
             if is_usage_error(&err) {
                 ExitCode::from(2)
             } else {
@@ -48,27 +51,6 @@ fn run(cli: args::Cli) -> anyhow::Result<()> {
     // lookup) once the command is done.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result
-}
-
-/// The error and its causes, as `{:#}` prints them ("a: b: c"), without
-/// the causes whose text the previous message already includes (error
-/// types that put their source in their own message would otherwise show
-/// it twice).
-fn error_chain(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    let mut previous = String::new();
-    for cause in err.chain() {
-        let message = cause.to_string();
-        if !previous.is_empty() && previous.contains(&message) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&message);
-        previous = message;
-    }
-    out
 }
 
 /// Whether `err` comes from how the command was called rather than from
@@ -105,31 +87,23 @@ impl std::error::Error for UsageError {}
 mod tests {
     use super::*;
 
-    #[derive(Debug)]
-    struct Wrapper(std::io::Error);
-    impl fmt::Display for Wrapper {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "PostgreSQL: {}", self.0)
-        }
-    }
-    impl std::error::Error for Wrapper {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            Some(&self.0)
-        }
-    }
-
     #[test]
-    fn the_chain_is_printed_once() {
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let err = anyhow::Error::new(Wrapper(io)).context("cannot reach the database");
+    fn the_librarys_errors_say_their_cause_once() {
+        let err = anyhow::Error::new(pgsession::http::SessionError::Store(
+            pgsession::Error::Unavailable,
+        ))
+        .context("cannot serve");
         assert_eq!(
             format!("{err:#}"),
-            "cannot reach the database: PostgreSQL: refused: refused"
+            "cannot serve: session store unavailable: the session database is unavailable \
+             (circuit breaker open)"
         );
-        assert_eq!(
-            error_chain(&err),
-            "cannot reach the database: PostgreSQL: refused"
-        );
+        let err = anyhow::Error::new(pgsession::Error::from(pgsession::ConfigError::Missing(
+            "DATABASE_URL",
+        )))
+        .context("cannot start");
+        let text = format!("{err:#}");
+        assert_eq!(text.matches("DATABASE_URL").count(), 1, "{text}");
     }
 
     #[test]

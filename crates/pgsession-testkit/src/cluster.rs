@@ -14,18 +14,17 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
     os::unix::fs::{chown, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
-    process::{Command as StdCommand, Output, Stdio},
+    process::Command as StdCommand,
 };
 
 use tempfile::TempDir;
 use tokio::sync::{Mutex, OnceCell};
 
+use crate::server::{run, Binaries, StopMode};
 use crate::{db::connect, db::quote_ident, Result, TestkitError};
 
 /// The only address clusters listen on.
 pub(crate) const HOST: &str = "127.0.0.1";
-/// Seconds `pg_ctl -w` waits for a start or stop.
-const PG_CTL_TIMEOUT: &str = "30";
 /// Prefix of every directory the testkit creates in the temp dir, followed by the owner's pid.
 const DIR_PREFIX: &str = "pgsession-testkit-";
 /// How often a first start is retried when another process grabbed the chosen port.
@@ -61,43 +60,13 @@ pub(crate) struct Template {
     /// Where the template and the clusters live.
     pub(crate) base: PathBuf,
     data: PathBuf,
-    pg_ctl: PathBuf,
+    /// The server programs, and the user they run as.
+    bin: Binaries,
     /// `Some((uid, gid))` of the `postgres` user when we run as root and must drop privileges.
     pub(crate) owner: Option<(u32, u32)>,
 }
 
 impl Template {
-    /// A command that runs `program` as the user that owns the clusters.
-    fn command(&self, program: &Path) -> StdCommand {
-        pg_command(self.owner.is_some(), program)
-    }
-
-    /// Another server binary, e.g. `pg_basebackup`: beside the real `pg_ctl` (`PATH` may hold
-    /// a symbolic link to it alone), beside the `pg_ctl` found, or in `pg_config --bindir`.
-    fn tool(&self, name: &str) -> Result<PathBuf> {
-        let real_bindir = fs::canonicalize(&self.pg_ctl)
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_owned));
-        let pg_config_bindir = || {
-            let output = StdCommand::new("pg_config").arg("--bindir").output().ok()?;
-            output
-                .status
-                .success()
-                .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
-        };
-        real_bindir
-            .into_iter()
-            .chain(self.pg_ctl.parent().map(Path::to_owned))
-            .chain(std::iter::once_with(pg_config_bindir).flatten())
-            .map(|dir| dir.join(name))
-            .find(|path| path.is_file())
-            .ok_or_else(|| TestkitError::Command {
-                command: name.to_owned(),
-                status: "not found".to_owned(),
-                output: format!("looked beside {}", self.pg_ctl.display()),
-            })
-    }
-
     /// A new directory for a cluster (or a pooler) of this process, owned by the user that runs
     /// the servers. `kind` (empty, or ending with `-`, so that [`sweep_stale_dirs`] still finds
     /// the pid after the prefix) ends up in its name.
@@ -171,7 +140,7 @@ impl TestCluster {
         let template = primary.template;
         let dir = template.new_dir("standby-")?;
         let data_dir = dir.path().join("data");
-        let mut basebackup = template.command(&template.tool("pg_basebackup")?);
+        let mut basebackup = template.bin.command(template.bin.tool("pg_basebackup")?);
         basebackup
             .args([
                 "-h",
@@ -329,28 +298,19 @@ impl TestCluster {
 
     /// Whether the server is running (`pg_ctl status`).
     pub fn is_running(&self) -> bool {
-        self.template
-            .command(&self.template.pg_ctl)
-            .arg("status")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .current_dir(self.dir.path())
-            .status()
-            .is_ok_and(|status| status.success())
+        self.template.bin.is_running(&self.data_dir)
     }
 
     /// Stops the server cleanly (`pg_ctl stop -m fast`) and waits until it is gone.
     /// Does nothing if it is not running.
     pub async fn stop(&self) -> Result<()> {
-        self.pg_ctl_stop("fast").await
+        self.pg_ctl_stop(StopMode::Fast).await
     }
 
     /// Kills the server (`pg_ctl stop -m immediate`: no shutdown checkpoint, crash recovery on
     /// the next start) and waits until it is gone. Does nothing if it is not running.
     pub async fn kill(&self) -> Result<()> {
-        self.pg_ctl_stop("immediate").await
+        self.pg_ctl_stop(StopMode::Immediate).await
     }
 
     /// Starts a stopped server again, with the same data dir and port.
@@ -368,49 +328,21 @@ impl TestCluster {
     /// Promotes a standby to a primary (`pg_ctl promote -w`): returns once it accepts writes.
     pub async fn promote(&self) -> Result<()> {
         let _guard = self.lifecycle.lock().await;
-        let mut command = self.pg_ctl();
-        command.args(["promote", "-w", "-t", PG_CTL_TIMEOUT, "-D"]);
-        command.arg(&self.data_dir);
-        run(command).await.map(drop)
+        self.template.bin.promote(&self.data_dir).await
     }
 
     fn pid_file(&self) -> PathBuf {
         self.data_dir.join("postmaster.pid")
     }
 
-    fn pg_ctl(&self) -> StdCommand {
-        let mut command = self.template.command(&self.template.pg_ctl);
-        command.current_dir(self.dir.path());
-        command
-    }
-
     async fn pg_ctl_start(&self) -> Result<()> {
-        let log_offset = fs::metadata(&self.log_path).map_or(0, |m| m.len() as usize);
-        let mut command = self.pg_ctl();
-        command.args(["start", "-w", "-t", PG_CTL_TIMEOUT, "-D"]);
-        command.arg(&self.data_dir).arg("-l").arg(&self.log_path);
-        let output = output(command).await?;
-        if output.status.success() {
-            return Ok(());
-        }
-        let log = fs::read(&self.log_path).unwrap_or_default();
-        Err(TestkitError::Start {
-            port: self.port,
-            data_dir: self.data_dir.clone(),
-            output: describe_output(&output),
-            log: String::from_utf8_lossy(log.get(log_offset..).unwrap_or_default()).into_owned(),
-        })
+        let bin = &self.template.bin;
+        bin.start(&self.data_dir, &self.log_path, self.port).await
     }
 
-    async fn pg_ctl_stop(&self, mode: &str) -> Result<()> {
+    async fn pg_ctl_stop(&self, mode: StopMode) -> Result<()> {
         let _guard = self.lifecycle.lock().await;
-        if !self.pid_file().exists() {
-            return Ok(());
-        }
-        let mut command = self.pg_ctl();
-        command.args(["stop", "-w", "-t", PG_CTL_TIMEOUT, "-m", mode, "-D"]);
-        command.arg(&self.data_dir);
-        run(command).await.map(drop)
+        self.template.bin.stop(&self.data_dir, mode).await
     }
 }
 
@@ -421,13 +353,9 @@ impl Drop for TestCluster {
             return;
         }
         let stopped = self
-            .pg_ctl()
-            .args(["stop", "-w", "-t", "10", "-m", "immediate", "-D"])
-            .arg(&self.data_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
+            .template
+            .bin
+            .stop_blocking(&self.data_dir, StopMode::Immediate, "10");
         if !stopped {
             // The first line of postmaster.pid is the postmaster's pid; its children exit when
             // they notice it is gone.
@@ -443,7 +371,7 @@ impl Drop for TestCluster {
 
 /// Runs `initdb` once for this process.
 async fn init_template() -> Result<Template> {
-    let bindir = find_bindir()?;
+    let bin = Binaries::find()?;
     let base = base_dir();
     let dir = tempfile::Builder::new()
         .prefix(&format!("{DIR_PREFIX}{}-template-", std::process::id()))
@@ -453,37 +381,20 @@ async fn init_template() -> Result<Template> {
         fs::metadata(path).map_err(TestkitError::io(format!("reading {}", path.display())))
     };
     // PostgreSQL refuses to run as root: then everything runs as (and belongs to) `postgres`.
-    let as_root = metadata(dir.path())?.uid() == 0;
-    if as_root {
-        let mut chown = StdCommand::new("chown");
-        chown.arg("postgres:").arg(dir.path());
-        run(chown).await?;
-    }
-    let owner = as_root
+    bin.hand_over(dir.path()).await?;
+    let owner = bin
+        .as_root()
         .then(|| metadata(dir.path()).map(|m| (m.uid(), m.gid())))
         .transpose()?;
-    let pg_ctl = bindir.join("pg_ctl");
-    sweep_stale_dirs(&base, as_root, &pg_ctl);
+    sweep_stale_dirs(&base, &bin);
 
     let data = dir.path().join("data");
-    let mut initdb = pg_command(as_root, &bindir.join("initdb"));
-    initdb.arg("-D").arg(&data).current_dir(dir.path());
-    initdb.args([
-        "-A",
-        "trust",
-        "-U",
-        "postgres",
-        "-E",
-        "UTF8",
-        "--locale=C",
-        "--no-sync",
-    ]);
-    run(initdb).await?;
+    bin.initdb(&data, &["--no-sync"]).await?;
     Ok(Template {
         _dir: dir,
         base,
         data,
-        pg_ctl,
+        bin,
         owner,
     })
 }
@@ -513,24 +424,9 @@ fn base_dir() -> PathBuf {
     }
 }
 
-/// The directory holding `initdb` and `pg_ctl`: from `PATH`, else from `pg_config --bindir`.
-fn find_bindir() -> Result<PathBuf> {
-    let has_binaries = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    let on_path =
-        env::var_os("PATH").and_then(|path| env::split_paths(&path).find(|d| has_binaries(d)));
-    let from_pg_config = || {
-        let output = StdCommand::new("pg_config").arg("--bindir").output().ok()?;
-        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-        (output.status.success() && has_binaries(&dir)).then_some(dir)
-    };
-    on_path
-        .or_else(from_pg_config)
-        .ok_or(TestkitError::BinariesNotFound)
-}
-
 /// Removes directories left behind by test processes that no longer exist (the template, and
 /// clusters of a run that was killed before `Drop` ran), stopping any postgres still using them.
-fn sweep_stale_dirs(base: &Path, as_root: bool, pg_ctl: &Path) {
+fn sweep_stale_dirs(base: &Path, bin: &Binaries) {
     if !Path::new("/proc/self").exists() {
         return; // No cheap way to tell whether the owning process is alive.
     }
@@ -554,14 +450,7 @@ fn sweep_stale_dirs(base: &Path, as_root: bool, pg_ctl: &Path) {
             continue;
         }
         stop_stale_pgbouncer(&entry.path().join(PGBOUNCER_PID_FILE));
-        let data = entry.path().join("data");
-        if data.join("postmaster.pid").exists() {
-            let _ = pg_command(as_root, pg_ctl)
-                .args(["stop", "-w", "-t", "10", "-m", "immediate", "-D"])
-                .arg(&data)
-                .current_dir(entry.path())
-                .output();
-        }
+        bin.stop_blocking(&entry.path().join("data"), StopMode::Immediate, "10");
         tracing::debug!(path = %entry.path().display(), "removing stale testkit directory");
         let _ = fs::remove_dir_all(entry.path());
     }
@@ -580,53 +469,10 @@ fn stop_stale_pgbouncer(pid_file: &Path) {
     }
 }
 
-/// `program`, run as `postgres` through `runuser` when we are root.
-fn pg_command(as_root: bool, program: &Path) -> StdCommand {
-    if as_root {
-        let mut command = StdCommand::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(program);
-        command
-    } else {
-        StdCommand::new(program)
-    }
-}
-
 /// A port that was free a moment ago.
 pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map_err(TestkitError::io("finding a free port"))?;
     Ok(listener.port())
-}
-
-async fn output(mut command: StdCommand) -> Result<Output> {
-    let description = format!("{command:?}");
-    command.stdin(Stdio::null());
-    tokio::process::Command::from(command)
-        .output()
-        .await
-        .map_err(TestkitError::io(format!("running {description}")))
-}
-
-/// Runs `command`, failing unless it exits successfully.
-async fn run(command: StdCommand) -> Result<Output> {
-    let description = format!("{command:?}");
-    let output = output(command).await?;
-    if output.status.success() {
-        Ok(output)
-    } else {
-        Err(TestkitError::Command {
-            command: description,
-            status: output.status.to_string(),
-            output: describe_output(&output),
-        })
-    }
-}
-
-fn describe_output(output: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    format!("{}\n{}", stdout.trim(), stderr.trim())
-        .trim()
-        .to_owned()
 }

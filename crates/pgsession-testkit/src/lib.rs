@@ -3,6 +3,10 @@
 //! in front of a server ([`PgBouncer`], needs the `pgbouncer` binary) and a primary with a
 //! synchronous streaming standby ([`ReplicaPair`]).
 //!
+//! [`server::Binaries`] is the layer under the clusters: finding the server programs, `initdb`,
+//! `pg_ctl` start, stop and status, as the `postgres` user when run as root. `pgsession serve`
+//! makes its embedded PostgreSQL with it too, so that there is one way to do each.
+//!
 //! [`TestDb::new`] uses the server in `DATABASE_URL` when that is set; otherwise, like
 //! [`TestCluster`], it needs the PostgreSQL server binaries (`initdb`, `pg_ctl`) on `PATH` or in
 //! `pg_config --bindir`, and fails with [`TestkitError::BinariesNotFound`] when they are missing.
@@ -36,6 +40,7 @@ mod error;
 mod pgbouncer;
 mod proxy;
 mod replica;
+pub mod server;
 
 pub use cluster::{ClusterOptions, TestCluster};
 pub use db::TestDb;

@@ -33,6 +33,18 @@ pub trait SessionBackend: Clone + Send + Sync + 'static {
 
     /// Removes `sid`; removing a missing session is not an error.
     fn destroy(&self, sid: &str) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// How long a session without a cookie expiry lives, if this backend is
+    /// configured with it: the [`SessionLayer`](crate::http::SessionLayer)
+    /// takes it, so that one setting reaches both.
+    fn lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// The largest session document this backend takes, if configured.
+    fn max_session_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl SessionBackend for crate::Store {
@@ -50,5 +62,13 @@ impl SessionBackend for crate::Store {
 
     async fn destroy(&self, sid: &str) -> Result<(), Error> {
         crate::Store::destroy(self, sid).await
+    }
+
+    fn lifetime(&self) -> Option<std::time::Duration> {
+        Some(self.config().lifetime())
+    }
+
+    fn max_session_bytes(&self) -> Option<usize> {
+        Some(self.config().max_session_bytes())
     }
 }

@@ -1,12 +1,21 @@
 //! Configuration: every setting with its default, one builder, and the two
 //! ways in (`DATABASE_URL` plus `PGSESSION_*` variables, or code).
 //!
-//! Both ways go through [`ConfigBuilder::set`], so the environment and the
-//! builder cannot drift apart, and a bad value is refused with the name of
-//! the setting. Passwords are kept out of `Debug` and of every message.
+//! Each setting is written once, in the list given to `settings!` below:
+//! its name, type, default, documentation, environment variable and check.
+//! The list makes the [`Config`] getter, the [`ConfigBuilder`] setter, the
+//! arm of [`ConfigBuilder::set`], the entry of [`ENV_SETTINGS`] and of
+//! [`SETTINGS`] (from which `pgsession` makes its flags and their help),
+//! and the check run by [`ConfigBuilder::build`]. A setting's text form is
+//! read by the parser of its type (counts, durations, booleans, names).
+//!
+//! The environment, a command line and the builder all go through
+//! [`ConfigBuilder::set`] or the same fields, so they cannot drift apart,
+//! and a bad value is refused with the name of the setting. Passwords are
+//! kept out of `Debug` and of every message.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -132,6 +141,464 @@ pub struct TlsConfig {
     pub accept_invalid_certs: bool,
 }
 
+/// Makes everything a setting needs from one entry per setting:
+///
+/// ```text
+/// /// Summary paragraph (the flag's short help).
+/// ///
+/// /// Why the default is what it is.
+/// name: Type { set: SetterArg, raw: BuilderType, get: GetterType, }
+///     = "default as text", env "PGSESSION_NAME", check rule;
+/// ```
+///
+/// The braces are needed only where a type differs from `Type` (what
+/// [`Config`] holds): the setter's argument, the builder's value (from
+/// which `rule` makes the `Type`), the getter's result. The default is
+/// text, read by the same parser as the environment's values.
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        $name:ident: $ty:ty $({ $(set: $set:ty,)? $(raw: $raw:ty,)? $(get: $get:ty,)? })?
+            = $default:literal, env $env:literal, check $rule:ident;
+    )*) => {
+        /// The settings of a built [`Config`], checked.
+        #[derive(Clone, PartialEq)]
+        struct Settings {
+            $($name: $ty,)*
+        }
+
+        /// The settings of a [`ConfigBuilder`], as given.
+        #[derive(Clone)]
+        struct Values {
+            $($name: or_ty!([$($($raw)?)?] $ty),)*
+        }
+
+        impl Default for Values {
+            fn default() -> Self {
+                Values {
+                    $($name: Value::parse(stringify!($name), $default)
+                        .expect("every default of the list parses"),)*
+                }
+            }
+        }
+
+        impl Values {
+            /// Sets the setting called `setting` from text.
+            fn set(&mut self, setting: &str, text: &str) -> Result<(), ConfigError> {
+                match setting {
+                    $(stringify!($name) => self.$name = Value::parse(setting, text)?,)*
+                    other => return Err(ConfigError::invalid(other, "no such setting")),
+                }
+                Ok(())
+            }
+
+            /// Runs each setting's check, in the order of the list.
+            fn check(&self) -> Result<Settings, ConfigError> {
+                Ok(Settings {
+                    $($name: $rule(self, stringify!($name), &self.$name)?,)*
+                })
+            }
+        }
+
+        impl Settings {
+            fn debug_fields(&self, out: &mut fmt::DebugStruct<'_, '_>) {
+                $(out.field(stringify!($name), &self.$name);)*
+            }
+        }
+
+        impl Config {
+            $(
+                $(#[doc = $doc])*
+                ///
+                #[doc = concat!("Default: `", $default, "`. Environment: `", $env, "`.")]
+                pub fn $name(&self) -> or_ty!([$($($get)?)?] $ty) {
+                    Get::get(&self.settings.$name)
+                }
+            )*
+        }
+
+        impl ConfigBuilder {
+            $(
+                #[doc = concat!("See [`Config::", stringify!($name), "`].")]
+                #[allow(clippy::useless_conversion)]
+                pub fn $name(mut self, value: or_ty!([$($($set)?)?] $ty)) -> Self {
+                    self.values.$name = value.into();
+                    self
+                }
+            )*
+        }
+
+        /// The variables [`ConfigBuilder::vars`] reads, with the setting
+        /// each one sets.
+        pub const ENV_SETTINGS: &[(&str, &str)] = &[
+            (URL.env, URL.name),
+            $(($env, stringify!($name)),)*
+            (TLS_INSECURE.env, TLS_INSECURE.name),
+        ];
+
+        /// Every setting [`ConfigBuilder::set`] takes, with its variable,
+        /// default and documentation, in the order of the list.
+        pub const SETTINGS: &[Setting] = &[
+            URL,
+            $(Setting {
+                name: stringify!($name),
+                env: $env,
+                default: Some($default),
+                value_name: <or_ty!([$($($raw)?)?] $ty) as Value>::HINT,
+                doc: concat!($($doc, "\n"),*),
+                secret: false,
+            },)*
+            TLS_INSECURE,
+        ];
+    };
+}
+
+/// The first type given, else the second: an entry's optional type.
+macro_rules! or_ty {
+    ([$given:ty] $otherwise:ty) => {
+        $given
+    };
+    ([] $otherwise:ty) => {
+        $otherwise
+    };
+}
+
+settings! {
+    /// Connections the session pool keeps for requests.
+    ///
+    /// Under load the pool grows towards `pool_max_size`, and it shrinks
+    /// back when idle.
+    ///
+    /// Five, because a session operation is one short statement (several
+    /// waiting ones are even batched into one), so a few connections serve
+    /// many requests, and a small pool leaves room on servers with a low
+    /// connection limit, as serverless plans often have.
+    pool_size: usize = "5", env "PGSESSION_POOL_SIZE", check pool_size_in_range;
+
+    /// Ceiling the self-sizing pool may grow to while callers wait; `auto`
+    /// is twice `pool_size`.
+    ///
+    /// Twice the pool size absorbs a burst without letting one instance
+    /// take a large share of the server's connection limit; the pool also
+    /// stops short of the connections the server says it has free.
+    pool_max_size: usize { raw: Option<usize>, }
+        = "auto", env "PGSESSION_POOL_MAX_SIZE", check pool_max_size_resolved;
+
+    /// Connections kept open even when idle.
+    ///
+    /// One, so that the first request after a quiet spell does not wait for
+    /// a connection to be opened (TCP, TLS, login), while an idle instance
+    /// holds a single connection on the server.
+    min_idle: usize = "1", env "PGSESSION_MIN_IDLE", check at_most_pool_size;
+
+    /// Idle connections above `min_idle` are closed after this.
+    ///
+    /// Thirty seconds carries a burst's connections over to the next burst,
+    /// and hands them back soon to a server whose connections are shared.
+    idle_timeout: Duration = "30s", env "PGSESSION_IDLE_TIMEOUT", check more_than_zero;
+
+    /// Deadline to open a connection, TLS and authentication included.
+    ///
+    /// Each host of a multi-host URL gets it in turn.
+    ///
+    /// Twenty seconds, because a serverless database waking from sleep (a
+    /// cold start) can take several seconds to accept a connection, and a
+    /// shorter deadline would fail exactly then.
+    connect_timeout: Duration = "20s", env "PGSESSION_CONNECT_TIMEOUT", check more_than_zero;
+
+    /// Deadline to get a connection from a pool whose connections are busy.
+    ///
+    /// Five seconds: a request that waits longer for a connection is better
+    /// answered with an error that says the pool is saturated than left
+    /// hanging until the HTTP client gives up.
+    acquire_timeout: Duration = "5s", env "PGSESSION_ACQUIRE_TIMEOUT", check more_than_zero;
+
+    /// Server-side `statement_timeout` of every connection of the pool.
+    ///
+    /// Thirty seconds, as `query_timeout`: the server stops a statement the
+    /// client has given up on (one stuck behind a lock, say) rather than
+    /// let it hold a connection and its locks.
+    statement_timeout: Duration = "30s", env "PGSESSION_STATEMENT_TIMEOUT", check more_than_zero;
+
+    /// Client-side deadline of one operation, retries included.
+    ///
+    /// The query is cancelled on the server when it passes.
+    ///
+    /// Thirty seconds: a session operation takes milliseconds, so one that
+    /// takes this long is stuck, and its request should fail rather than
+    /// wait for ever.
+    query_timeout: Duration = "30s", env "PGSESSION_QUERY_TIMEOUT", check more_than_zero;
+
+    /// Uses after which a connection is closed and replaced.
+    ///
+    /// 7,500, the figure node-postgres suggests: now and then connections
+    /// are spread again over the servers behind a load balancer, and a
+    /// backend's slowly growing caches are let go, for one connect per
+    /// 7,500 operations.
+    max_uses: usize = "7500", env "PGSESSION_MAX_USES", check at_least_one;
+
+    /// Idle time before the first TCP keepalive probe.
+    ///
+    /// Ten seconds: NAT gateways and load balancers drop idle flows without
+    /// telling either end; early probes keep a flow alive, and find a dead
+    /// link before a request does.
+    keepalive_idle: Duration = "10s", env "PGSESSION_KEEPALIVE_IDLE", check more_than_zero;
+
+    /// Start-up attempts after the first.
+    ///
+    /// After them the store reports the database unreachable, runs
+    /// degraded, and keeps trying more slowly.
+    ///
+    /// Three, so that with the backoff a database that takes a few seconds
+    /// to start is met without a warning that it is unreachable.
+    startup_retries: usize = "3", env "PGSESSION_STARTUP_RETRIES", check any;
+
+    /// First wait between start-up attempts, doubled each time, with jitter.
+    ///
+    /// One second: long enough for a waking database, short enough that a
+    /// brief hiccup costs little.
+    startup_backoff: Duration = "1s", env "PGSESSION_STARTUP_BACKOFF", check any;
+
+    /// Schema of the session table, checked as an identifier.
+    ///
+    /// `public`, where connect-pg-simple puts the table too.
+    schema: Identifier { set: impl Into<String>, raw: String, get: &Identifier, }
+        = "public", env "PGSESSION_SCHEMA", check identifier;
+
+    /// Name of the session table, checked as an identifier.
+    ///
+    /// `session_store`, connect-pg-simple's name, so that a Node service
+    /// and this store share sessions without configuration.
+    table: Identifier { set: impl Into<String>, raw: String, get: &Identifier, }
+        = "session_store", env "PGSESSION_TABLE", check identifier;
+
+    /// Whether the store creates the table and its index when they are
+    /// missing.
+    ///
+    /// On, so that a new application works at once; turn it off where the
+    /// application's role may not create tables, and make the table with
+    /// `pgsession migrate`.
+    create_table: bool = "true", env "PGSESSION_CREATE_TABLE", check any;
+
+    /// Lifetime of a session whose cookie sets no expiry of its own.
+    ///
+    /// One day, connect-pg-simple's default, so that a Node service sharing
+    /// the table gives the same expiries.
+    lifetime: Duration = "1d", env "PGSESSION_LIFETIME", check more_than_zero;
+
+    /// Mean interval between prunes of expired rows, randomized 50-150 %.
+    ///
+    /// The randomness keeps instances from pruning in step.
+    ///
+    /// Fifteen minutes, connect-pg-simple's default: an expired row is never
+    /// served (loads check the expiry), so pruning only bounds the table.
+    prune_interval: Duration = "15m", env "PGSESSION_PRUNE_INTERVAL", check more_than_zero;
+
+    /// Rows deleted per prune statement.
+    ///
+    /// 1,000: each statement is short and holds few row locks, so a large
+    /// backlog is pruned without holding up session writes.
+    prune_batch_size: usize = "1000", env "PGSESSION_PRUNE_BATCH_SIZE", check at_least_one;
+
+    /// Whether the store prunes expired rows in the background, every
+    /// `prune_interval`, one instance at a time (an advisory lock).
+    ///
+    /// On, so that a table shared by any number of instances never grows
+    /// without bound; turn it off where a scheduled `pgsession prune` does
+    /// the job instead.
+    prune: bool = "true", env "PGSESSION_PRUNE", check any;
+
+    /// How the database is reached: `direct`, `session` or `transaction`.
+    ///
+    /// `session` is a session-mode pooler, treated as a direct connection;
+    /// `transaction` a transaction-mode pooler such as PgBouncer's, where
+    /// no session state survives between transactions.
+    ///
+    /// Direct, the common case. A transaction pooler is also detected when
+    /// it refuses the startup options, so setting it only spares that
+    /// first refused connection.
+    pooler: PoolerMode = "direct", env "PGSESSION_POOLER", check any;
+
+    /// Largest session document accepted, in bytes; a larger one is refused.
+    ///
+    /// 64 KiB: far more than a session should hold (an id, a user, a few
+    /// flags), and little enough that a client cannot make the store keep
+    /// megabytes per cookie.
+    max_session_bytes: usize = "64KiB", env "PGSESSION_MAX_SESSION_BYTES", check at_least_one;
+
+    /// Interval of the background health check.
+    ///
+    /// Thirty seconds: a problem shows in the health report within half a
+    /// minute, for one trivial query per interval.
+    health_check_interval: Duration = "30s", env "PGSESSION_HEALTH_CHECK_INTERVAL", check more_than_zero;
+
+    /// A health check slower than this is reported as failed, and warned of.
+    ///
+    /// One second: `SELECT 1` takes milliseconds on a healthy server, so a
+    /// second means the server or the link is struggling.
+    slow_check_threshold: Duration = "1s", env "PGSESSION_SLOW_CHECK_THRESHOLD", check any;
+
+    /// Transient failures in a row that open the circuit breaker.
+    ///
+    /// Five: one or two failures are the usual noise (a restarted backend,
+    /// a dropped link) and are retried; five in a row mean the database is
+    /// away, and failing fast then spares every request the full timeout.
+    breaker_threshold: u32 = "5", env "PGSESSION_BREAKER_THRESHOLD", check at_least_one;
+
+    /// First wait before the open breaker lets a probe through.
+    ///
+    /// It is doubled after each failed probe, up to `breaker_max_cool_down`.
+    ///
+    /// One second, so that a database back after a restart is used again
+    /// within a second.
+    breaker_cool_down: Duration = "1s", env "PGSESSION_BREAKER_COOL_DOWN", check more_than_zero;
+
+    /// Ceiling of the breaker's cool-down.
+    ///
+    /// Thirty seconds: a long outage costs one probe per half minute, and
+    /// the database's return is noticed within that.
+    breaker_max_cool_down: Duration = "30s", env "PGSESSION_BREAKER_MAX_COOL_DOWN", check at_least_cool_down;
+
+    /// Sessions kept in the fallback cache; 0 turns the cache off.
+    ///
+    /// The cache serves reads while the database is away.
+    ///
+    /// 10,000 recently used sessions: most active users of a busy instance
+    /// keep theirs through an outage, and `cache_max_bytes` bounds the
+    /// memory.
+    cache_max_entries: usize = "10000", env "PGSESSION_CACHE_MAX_ENTRIES", check any;
+
+    /// Bytes of session documents kept in the fallback cache.
+    ///
+    /// 16 MiB: a small, fixed share of memory, enough for the 10,000
+    /// sessions of `cache_max_entries` at 1.6 KiB each.
+    cache_max_bytes: usize = "16MiB", env "PGSESSION_CACHE_MAX_BYTES", check any;
+
+    /// Bytes the on-disk journal may hold while the database is away.
+    ///
+    /// Past this, writes answer 503 with `Retry-After` rather than be
+    /// acknowledged without a durable copy.
+    ///
+    /// 64 MiB: many thousands of session writes, minutes of a busy
+    /// instance's outage, while bounding the disk used and the length of
+    /// the write-back.
+    journal_max_bytes: usize = "64MiB", env "PGSESSION_JOURNAL_MAX_BYTES", check any;
+
+    /// Directory of the on-disk journal; put it on a persistent disk.
+    ///
+    /// Writes accepted while the database is away are fsynced here (mode
+    /// 0700, files 0600) before they are acknowledged, and the journal
+    /// files of this process, or of one that died, are written back from
+    /// here.
+    ///
+    /// `.pgsession/journal`, beside the embedded server's data, relative
+    /// to the working directory: a place that works without setup; a
+    /// container needs it on a volume to keep it across restarts.
+    journal_dir: PathBuf { set: impl Into<PathBuf>, get: &Path, }
+        = ".pgsession/journal", env "PGSESSION_JOURNAL_DIR", check any;
+
+    /// Whether the fallback serves while the database is away.
+    ///
+    /// Reads are served from the cache, writes go to the journal. Off, an
+    /// outage answers 503, and no journal directory is needed.
+    ///
+    /// On, because keeping users logged in through an outage is the point
+    /// of the store; turn it off where no local disk can be written.
+    fallback: bool = "true", env "PGSESSION_FALLBACK", check any;
+}
+
+/// The setting outside the list: it makes the driver's configuration.
+const URL: Setting = Setting {
+    name: "url",
+    env: "DATABASE_URL",
+    default: None,
+    value_name: "URL",
+    doc: "PostgreSQL URL, as libpq takes it \
+          (postgres://user:pass@host:port/db?sslmode=...).\n\n\
+          Several hosts are separated by commas. Required.\n",
+    secret: true,
+};
+
+/// The setting outside the list: it goes into [`TlsConfig`].
+const TLS_INSECURE: Setting = Setting {
+    name: "tls_insecure",
+    env: "PGSESSION_TLS_INSECURE",
+    default: Some("false"),
+    value_name: "BOOL",
+    doc: "Accept any server certificate (tests only).\n\nOff: a certificate \
+          that cannot be verified means the server may not be the one meant.\n",
+    secret: false,
+};
+
+/// A setting as the environment and a command line see it, taken from the
+/// same list as the typed API (see [`SETTINGS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Setting {
+    /// The name [`ConfigBuilder::set`] takes, e.g. `pool_size`.
+    pub name: &'static str,
+    /// The environment variable, e.g. `PGSESSION_POOL_SIZE`.
+    pub env: &'static str,
+    /// The default as text, as [`ConfigBuilder::set`] takes it; `None` for
+    /// a required setting.
+    pub default: Option<&'static str>,
+    /// What the value is, for a usage line: `N`, `DURATION`, `BOOL`, ...
+    pub value_name: &'static str,
+    /// The documentation: a summary paragraph, then why the default is
+    /// what it is.
+    pub doc: &'static str,
+    /// Whether the value may hold a password, to be kept out of help texts.
+    pub secret: bool,
+}
+
+impl Setting {
+    /// The command-line flag: the variable without `PGSESSION_`, in lower
+    /// case with `-` for `_`.
+    ///
+    /// ```
+    /// let flags: Vec<String> = pgsession::config::SETTINGS.iter().map(|s| s.flag()).collect();
+    /// assert!(flags.contains(&"database-url".to_owned()));
+    /// assert!(flags.contains(&"pool-size".to_owned()));
+    /// ```
+    pub fn flag(&self) -> String {
+        let name = self.env.strip_prefix("PGSESSION_").unwrap_or(self.env);
+        name.to_ascii_lowercase().replace('_', "-")
+    }
+
+    /// The first paragraph of the documentation, on one line.
+    pub fn summary(&self) -> String {
+        self.paragraphs().swap_remove(0)
+    }
+
+    /// The whole documentation, each paragraph on one line, paragraphs
+    /// separated by a blank line.
+    pub fn description(&self) -> String {
+        self.paragraphs().join("\n\n")
+    }
+
+    /// The paragraphs of the documentation, each on one line; at least one.
+    fn paragraphs(&self) -> Vec<String> {
+        let mut paragraphs = vec![String::new()];
+        for line in self.doc.lines().map(str::trim) {
+            let last = paragraphs.last_mut().expect("never empty");
+            match (line.is_empty(), last.is_empty()) {
+                (true, true) => {}
+                (true, false) => paragraphs.push(String::new()),
+                (false, _) => {
+                    if !last.is_empty() {
+                        last.push(' ');
+                    }
+                    last.push_str(line);
+                }
+            }
+        }
+        if paragraphs.len() > 1 && paragraphs.last().is_some_and(String::is_empty) {
+            paragraphs.pop();
+        }
+        paragraphs
+    }
+}
+
 /// The complete, validated configuration of a session store.
 ///
 /// Build one with [`Config::builder`] or [`Config::from_env`].
@@ -153,36 +620,7 @@ pub struct Config {
     /// For a multi-host URL, one configuration per host, in order.
     pub(crate) per_host: Vec<tokio_postgres::Config>,
     pub(crate) tls: TlsConfig,
-    pub(crate) pool_size: usize,
-    pub(crate) pool_max_size: usize,
-    pub(crate) min_idle: usize,
-    pub(crate) idle_timeout: Duration,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) acquire_timeout: Duration,
-    pub(crate) statement_timeout: Duration,
-    pub(crate) query_timeout: Duration,
-    pub(crate) max_uses: usize,
-    pub(crate) keepalive_idle: Duration,
-    pub(crate) startup_retries: usize,
-    pub(crate) startup_backoff: Duration,
-    pub(crate) schema: Identifier,
-    pub(crate) table: Identifier,
-    pub(crate) create_table: bool,
-    pub(crate) lifetime: Duration,
-    pub(crate) prune_interval: Duration,
-    pub(crate) prune_batch_size: usize,
-    pub(crate) pooler: PoolerMode,
-    pub(crate) max_session_bytes: usize,
-    pub(crate) health_check_interval: Duration,
-    pub(crate) slow_check_threshold: Duration,
-    pub(crate) breaker_threshold: u32,
-    pub(crate) breaker_cool_down: Duration,
-    pub(crate) breaker_max_cool_down: Duration,
-    pub(crate) cache_max_entries: usize,
-    pub(crate) cache_max_bytes: usize,
-    pub(crate) journal_max_bytes: usize,
-    pub(crate) journal_dir: PathBuf,
-    pub(crate) fallback: bool,
+    settings: Settings,
 }
 
 impl Config {
@@ -192,7 +630,7 @@ impl Config {
     }
 
     /// Reads `DATABASE_URL` and the `PGSESSION_*` variables (see
-    /// [`ConfigBuilder::set`] for the names).
+    /// [`ENV_SETTINGS`] for the names).
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::from_vars(std::env::vars())
     }
@@ -218,143 +656,13 @@ impl Config {
         ConfigBuilder::default().vars(vars)?.build()
     }
 
-    /// Configured pool size. Default: 5.
-    pub fn pool_size(&self) -> usize {
-        self.pool_size
-    }
-    /// Ceiling the self-sizing pool may grow to. Default: twice the pool size.
-    pub fn pool_max_size(&self) -> usize {
-        self.pool_max_size
-    }
-    /// Connections kept open even when idle. Default: 1.
-    pub fn min_idle(&self) -> usize {
-        self.min_idle
-    }
-    /// Idle connections above the warm minimum are closed after this. Default: 30 s.
-    pub fn idle_timeout(&self) -> Duration {
-        self.idle_timeout
-    }
-    /// Deadline to open a connection, TLS and authentication included. Default: 20 s.
-    pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
-    }
     /// The longest opening a connection may take: the connect timeout for
     /// each host of the URL, tried one after the other.
     pub fn connect_budget(&self) -> Duration {
-        self.connect_timeout * self.per_host.len().max(1) as u32
+        self.connect_timeout() * self.per_host.len().max(1) as u32
     }
-    /// Deadline to get a connection from a full pool. Default: 5 s.
-    pub fn acquire_timeout(&self) -> Duration {
-        self.acquire_timeout
-    }
-    /// Server-side `statement_timeout`. Default: 30 s.
-    pub fn statement_timeout(&self) -> Duration {
-        self.statement_timeout
-    }
-    /// Client-side deadline of one operation, retries included; the query
-    /// is cancelled when it passes. Default: 30 s.
-    pub fn query_timeout(&self) -> Duration {
-        self.query_timeout
-    }
-    /// Uses after which a connection is replaced. Default: 7,500.
-    pub fn max_uses(&self) -> usize {
-        self.max_uses
-    }
-    /// Idle time before the first TCP keepalive probe. Default: 10 s.
-    pub fn keepalive_idle(&self) -> Duration {
-        self.keepalive_idle
-    }
-    /// Start-up attempts after the first. Default: 3.
-    pub fn startup_retries(&self) -> usize {
-        self.startup_retries
-    }
-    /// First start-up backoff, doubled each time, with jitter. Default: 1 s.
-    pub fn startup_backoff(&self) -> Duration {
-        self.startup_backoff
-    }
-    /// Schema of the session table. Default: `public`.
-    pub fn schema(&self) -> &Identifier {
-        &self.schema
-    }
-    /// Name of the session table. Default: `session_store`.
-    pub fn table(&self) -> &Identifier {
-        &self.table
-    }
-    /// Whether the store creates the table when it is missing. Default: true.
-    pub fn create_table(&self) -> bool {
-        self.create_table
-    }
-    /// Lifetime of a session whose cookie sets no expiry. Default: 1 day.
-    pub fn lifetime(&self) -> Duration {
-        self.lifetime
-    }
-    /// Mean interval between prunes (randomized 50-150 %). Default: 15 min.
-    pub fn prune_interval(&self) -> Duration {
-        self.prune_interval
-    }
-    /// Rows deleted per prune statement. Default: 1,000.
-    pub fn prune_batch_size(&self) -> usize {
-        self.prune_batch_size
-    }
-    /// Direct connection or transaction pooler. Default: direct.
-    pub fn pooler(&self) -> PoolerMode {
-        self.pooler
-    }
-    /// Largest session document accepted, in bytes. Default: 64 KiB.
-    pub fn max_session_bytes(&self) -> usize {
-        self.max_session_bytes
-    }
-    /// Interval of the health check. Default: 30 s.
-    pub fn health_check_interval(&self) -> Duration {
-        self.health_check_interval
-    }
-    /// A health check slower than this is a warning. Default: 1 s.
-    pub fn slow_check_threshold(&self) -> Duration {
-        self.slow_check_threshold
-    }
-    /// Transient failures in a row that open the circuit breaker. Default: 5.
-    pub fn breaker_threshold(&self) -> u32 {
-        self.breaker_threshold
-    }
-    /// First wait before the open breaker lets a probe through; doubled
-    /// after each failed probe. Default: 1 s.
-    pub fn breaker_cool_down(&self) -> Duration {
-        self.breaker_cool_down
-    }
-    /// Ceiling of the breaker's cool-down. Default: 30 s.
-    pub fn breaker_max_cool_down(&self) -> Duration {
-        self.breaker_max_cool_down
-    }
-    /// Sessions kept in the fallback cache (0 turns the cache off).
-    /// Default: 10,000.
-    pub fn cache_max_entries(&self) -> usize {
-        self.cache_max_entries
-    }
-    /// Bytes of session documents kept in the fallback cache. Default: 16 MiB.
-    pub fn cache_max_bytes(&self) -> usize {
-        self.cache_max_bytes
-    }
-    /// Bytes the on-disk journal may hold while the database is away; past
-    /// this, writes answer 503 with `Retry-After` rather than be
-    /// acknowledged without a durable copy. Default: 64 MiB.
-    pub fn journal_max_bytes(&self) -> usize {
-        self.journal_max_bytes
-    }
-    /// The directory of the on-disk journal (mode 0700, files 0600): writes
-    /// accepted while the database is away are fsynced here before they are
-    /// acknowledged, and the journal files of this process, or of one that
-    /// died, are written back from here. Put it on a persistent disk.
-    /// Default: `.pgsession/journal`.
-    pub fn journal_dir(&self) -> &std::path::Path {
-        &self.journal_dir
-    }
-    /// Whether the fallback serves while the database is away (reads from
-    /// the cache, writes to the journal). Off, an outage answers 503 and no
-    /// journal directory is needed. Default: on.
-    pub fn fallback(&self) -> bool {
-        self.fallback
-    }
-    /// TLS settings.
+    /// TLS settings, from the URL's `sslmode`, `sslrootcert` and `sslsni`,
+    /// and `tls_insecure`.
     pub fn tls(&self) -> &TlsConfig {
         &self.tls
     }
@@ -391,42 +699,13 @@ impl Config {
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("target", &self.target())
+        let mut out = f.debug_struct("Config");
+        out.field("target", &self.target())
             .field("user", &self.pg.get_user())
             .field("password", &self.pg.get_password().map(|_| "<redacted>"))
-            .field("tls", &self.tls)
-            .field("pool_size", &self.pool_size)
-            .field("pool_max_size", &self.pool_max_size)
-            .field("min_idle", &self.min_idle)
-            .field("idle_timeout", &self.idle_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("acquire_timeout", &self.acquire_timeout)
-            .field("statement_timeout", &self.statement_timeout)
-            .field("query_timeout", &self.query_timeout)
-            .field("max_uses", &self.max_uses)
-            .field("keepalive_idle", &self.keepalive_idle)
-            .field("startup_retries", &self.startup_retries)
-            .field("startup_backoff", &self.startup_backoff)
-            .field("schema", &self.schema)
-            .field("table", &self.table)
-            .field("create_table", &self.create_table)
-            .field("lifetime", &self.lifetime)
-            .field("prune_interval", &self.prune_interval)
-            .field("prune_batch_size", &self.prune_batch_size)
-            .field("pooler", &self.pooler)
-            .field("max_session_bytes", &self.max_session_bytes)
-            .field("health_check_interval", &self.health_check_interval)
-            .field("slow_check_threshold", &self.slow_check_threshold)
-            .field("breaker_threshold", &self.breaker_threshold)
-            .field("breaker_cool_down", &self.breaker_cool_down)
-            .field("breaker_max_cool_down", &self.breaker_max_cool_down)
-            .field("cache_max_entries", &self.cache_max_entries)
-            .field("cache_max_bytes", &self.cache_max_bytes)
-            .field("journal_max_bytes", &self.journal_max_bytes)
-            .field("journal_dir", &self.journal_dir)
-            .field("fallback", &self.fallback)
-            .finish()
+            .field("tls", &self.tls);
+        self.settings.debug_fields(&mut out);
+        out.finish()
     }
 }
 
@@ -434,79 +713,11 @@ impl fmt::Debug for Config {
 ///
 /// Typed setters are for code; [`ConfigBuilder::set`] takes text (from the
 /// environment or a command line) and refuses bad values by name.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct ConfigBuilder {
     url: Option<String>,
     tls_insecure: bool,
-    pool_size: usize,
-    pool_max_size: Option<usize>,
-    min_idle: usize,
-    idle_timeout: Duration,
-    connect_timeout: Duration,
-    acquire_timeout: Duration,
-    statement_timeout: Duration,
-    query_timeout: Duration,
-    max_uses: usize,
-    keepalive_idle: Duration,
-    startup_retries: usize,
-    startup_backoff: Duration,
-    schema: String,
-    table: String,
-    create_table: bool,
-    lifetime: Duration,
-    prune_interval: Duration,
-    prune_batch_size: usize,
-    pooler: PoolerMode,
-    max_session_bytes: usize,
-    health_check_interval: Duration,
-    slow_check_threshold: Duration,
-    breaker_threshold: u32,
-    breaker_cool_down: Duration,
-    breaker_max_cool_down: Duration,
-    cache_max_entries: usize,
-    cache_max_bytes: usize,
-    journal_max_bytes: usize,
-    journal_dir: PathBuf,
-    fallback: bool,
-}
-
-impl Default for ConfigBuilder {
-    fn default() -> Self {
-        ConfigBuilder {
-            url: None,
-            tls_insecure: false,
-            pool_size: 5,
-            pool_max_size: None,
-            min_idle: 1,
-            idle_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(20),
-            acquire_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(30),
-            query_timeout: Duration::from_secs(30),
-            max_uses: 7_500,
-            keepalive_idle: Duration::from_secs(10),
-            startup_retries: 3,
-            startup_backoff: Duration::from_secs(1),
-            schema: "public".into(),
-            table: "session_store".into(),
-            create_table: true,
-            lifetime: Duration::from_secs(24 * 60 * 60),
-            prune_interval: Duration::from_secs(15 * 60),
-            prune_batch_size: 1_000,
-            pooler: PoolerMode::Direct,
-            max_session_bytes: 64 * 1024,
-            health_check_interval: Duration::from_secs(30),
-            slow_check_threshold: Duration::from_secs(1),
-            breaker_threshold: 5,
-            breaker_cool_down: Duration::from_secs(1),
-            breaker_max_cool_down: Duration::from_secs(30),
-            cache_max_entries: 10_000,
-            cache_max_bytes: 16 * 1024 * 1024,
-            journal_max_bytes: 64 * 1024 * 1024,
-            journal_dir: PathBuf::from(".pgsession/journal"),
-            fallback: true,
-        }
-    }
+    values: Values,
 }
 
 impl fmt::Debug for ConfigBuilder {
@@ -518,97 +729,26 @@ impl fmt::Debug for ConfigBuilder {
     }
 }
 
-/// The `PGSESSION_*` variables [`ConfigBuilder::vars`] reads, with the
-/// setting each one sets.
-pub const ENV_SETTINGS: &[(&str, &str)] = &[
-    ("DATABASE_URL", "url"),
-    ("PGSESSION_POOL_SIZE", "pool_size"),
-    ("PGSESSION_POOL_MAX_SIZE", "pool_max_size"),
-    ("PGSESSION_MIN_IDLE", "min_idle"),
-    ("PGSESSION_IDLE_TIMEOUT", "idle_timeout"),
-    ("PGSESSION_CONNECT_TIMEOUT", "connect_timeout"),
-    ("PGSESSION_ACQUIRE_TIMEOUT", "acquire_timeout"),
-    ("PGSESSION_STATEMENT_TIMEOUT", "statement_timeout"),
-    ("PGSESSION_QUERY_TIMEOUT", "query_timeout"),
-    ("PGSESSION_MAX_USES", "max_uses"),
-    ("PGSESSION_KEEPALIVE_IDLE", "keepalive_idle"),
-    ("PGSESSION_STARTUP_RETRIES", "startup_retries"),
-    ("PGSESSION_STARTUP_BACKOFF", "startup_backoff"),
-    ("PGSESSION_SCHEMA", "schema"),
-    ("PGSESSION_TABLE", "table"),
-    ("PGSESSION_CREATE_TABLE", "create_table"),
-    ("PGSESSION_LIFETIME", "lifetime"),
-    ("PGSESSION_PRUNE_INTERVAL", "prune_interval"),
-    ("PGSESSION_PRUNE_BATCH_SIZE", "prune_batch_size"),
-    ("PGSESSION_POOLER", "pooler"),
-    ("PGSESSION_MAX_SESSION_BYTES", "max_session_bytes"),
-    ("PGSESSION_HEALTH_CHECK_INTERVAL", "health_check_interval"),
-    ("PGSESSION_SLOW_CHECK_THRESHOLD", "slow_check_threshold"),
-    ("PGSESSION_BREAKER_THRESHOLD", "breaker_threshold"),
-    ("PGSESSION_BREAKER_COOL_DOWN", "breaker_cool_down"),
-    ("PGSESSION_BREAKER_MAX_COOL_DOWN", "breaker_max_cool_down"),
-    ("PGSESSION_CACHE_MAX_ENTRIES", "cache_max_entries"),
-    ("PGSESSION_CACHE_MAX_BYTES", "cache_max_bytes"),
-    ("PGSESSION_JOURNAL_MAX_BYTES", "journal_max_bytes"),
-    ("PGSESSION_JOURNAL_DIR", "journal_dir"),
-    ("PGSESSION_FALLBACK", "fallback"),
-    ("PGSESSION_TLS_INSECURE", "tls_insecure"),
-];
-
 impl ConfigBuilder {
     /// Sets one setting from text, by its name. The names are those of the
-    /// typed setters (`pool_size`, `idle_timeout`, ...) and `url`; the
-    /// environment variable of each is in [`ENV_SETTINGS`]. Durations take
-    /// `500ms`, `30s`, `5m`, `1h`, `1d`, or a bare number of seconds.
+    /// typed setters (`pool_size`, `idle_timeout`, ...), `url` and
+    /// `tls_insecure`; the environment variable of each is in
+    /// [`ENV_SETTINGS`]. Durations take `500ms`, `30s`, `5m`, `1h`, `1d`,
+    /// or a bare number of seconds; sizes in bytes may end in `KiB`, `MiB`
+    /// or `GiB`.
     ///
     /// ```
     /// let error = pgsession::Config::builder().set("pool_size", "many").unwrap_err();
     /// assert!(error.to_string().contains("pool_size"));
     /// ```
-    pub fn set(self, setting: &str, value: &str) -> Result<Self, ConfigError> {
+    pub fn set(mut self, setting: &str, value: &str) -> Result<Self, ConfigError> {
         let value = value.trim();
-        let count = || parse_count(setting, value);
-        let duration = || parse_duration(setting, value);
-        Ok(match setting {
-            "url" => self.url(value),
-            "pool_size" => self.pool_size(count()?),
-            "pool_max_size" => self.pool_max_size(count()?),
-            "min_idle" => self.min_idle(count()?),
-            "idle_timeout" => self.idle_timeout(duration()?),
-            "connect_timeout" => self.connect_timeout(duration()?),
-            "acquire_timeout" => self.acquire_timeout(duration()?),
-            "statement_timeout" => self.statement_timeout(duration()?),
-            "query_timeout" => self.query_timeout(duration()?),
-            "max_uses" => self.max_uses(count()?),
-            "keepalive_idle" => self.keepalive_idle(duration()?),
-            "startup_retries" => self.startup_retries(count()?),
-            "startup_backoff" => self.startup_backoff(duration()?),
-            "schema" => self.schema(value),
-            "table" => self.table(value),
-            "create_table" => self.create_table(parse_bool(setting, value)?),
-            "lifetime" => self.lifetime(duration()?),
-            "prune_interval" => self.prune_interval(duration()?),
-            "prune_batch_size" => self.prune_batch_size(count()?),
-            "pooler" => self.pooler(value.parse()?),
-            "max_session_bytes" => self.max_session_bytes(count()?),
-            "health_check_interval" => self.health_check_interval(duration()?),
-            "slow_check_threshold" => self.slow_check_threshold(duration()?),
-            "breaker_threshold" => {
-                let n = count()?;
-                self.breaker_threshold(
-                    u32::try_from(n).map_err(|_| ConfigError::invalid(setting, "too large"))?,
-                )
-            }
-            "breaker_cool_down" => self.breaker_cool_down(duration()?),
-            "breaker_max_cool_down" => self.breaker_max_cool_down(duration()?),
-            "cache_max_entries" => self.cache_max_entries(count()?),
-            "cache_max_bytes" => self.cache_max_bytes(count()?),
-            "journal_max_bytes" => self.journal_max_bytes(count()?),
-            "journal_dir" => self.journal_dir(value),
-            "fallback" => self.fallback(parse_bool(setting, value)?),
-            "tls_insecure" => self.danger_accept_invalid_certs(parse_bool(setting, value)?),
-            other => return Err(ConfigError::invalid(other, "no such setting")),
-        })
+        match setting {
+            "url" => self.url = Some(value.to_owned()),
+            "tls_insecure" => self.tls_insecure = Value::parse(setting, value)?,
+            _ => self.values.set(setting, value)?,
+        }
+        Ok(self)
     }
 
     /// Applies every variable of [`ENV_SETTINGS`] found in `vars`; others
@@ -642,156 +782,7 @@ impl ConfigBuilder {
         self.url = Some(url.into());
         self
     }
-    /// See [`Config::pool_size`].
-    pub fn pool_size(mut self, size: usize) -> Self {
-        self.pool_size = size;
-        self
-    }
-    /// See [`Config::pool_max_size`].
-    pub fn pool_max_size(mut self, size: usize) -> Self {
-        self.pool_max_size = Some(size);
-        self
-    }
-    /// See [`Config::min_idle`].
-    pub fn min_idle(mut self, count: usize) -> Self {
-        self.min_idle = count;
-        self
-    }
-    /// See [`Config::idle_timeout`].
-    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.idle_timeout = timeout;
-        self
-    }
-    /// See [`Config::connect_timeout`].
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-    /// See [`Config::acquire_timeout`].
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
-        self
-    }
-    /// See [`Config::statement_timeout`].
-    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
-        self.statement_timeout = timeout;
-        self
-    }
-    /// See [`Config::query_timeout`].
-    pub fn query_timeout(mut self, timeout: Duration) -> Self {
-        self.query_timeout = timeout;
-        self
-    }
-    /// See [`Config::max_uses`].
-    pub fn max_uses(mut self, uses: usize) -> Self {
-        self.max_uses = uses;
-        self
-    }
-    /// See [`Config::keepalive_idle`].
-    pub fn keepalive_idle(mut self, idle: Duration) -> Self {
-        self.keepalive_idle = idle;
-        self
-    }
-    /// See [`Config::startup_retries`].
-    pub fn startup_retries(mut self, retries: usize) -> Self {
-        self.startup_retries = retries;
-        self
-    }
-    /// See [`Config::startup_backoff`].
-    pub fn startup_backoff(mut self, backoff: Duration) -> Self {
-        self.startup_backoff = backoff;
-        self
-    }
-    /// See [`Config::schema`]. Checked as an identifier at [`build`](Self::build).
-    pub fn schema(mut self, schema: impl Into<String>) -> Self {
-        self.schema = schema.into();
-        self
-    }
-    /// See [`Config::table`]. Checked as an identifier at [`build`](Self::build).
-    pub fn table(mut self, table: impl Into<String>) -> Self {
-        self.table = table.into();
-        self
-    }
-    /// See [`Config::create_table`].
-    pub fn create_table(mut self, create: bool) -> Self {
-        self.create_table = create;
-        self
-    }
-    /// See [`Config::lifetime`].
-    pub fn lifetime(mut self, lifetime: Duration) -> Self {
-        self.lifetime = lifetime;
-        self
-    }
-    /// See [`Config::prune_interval`].
-    pub fn prune_interval(mut self, interval: Duration) -> Self {
-        self.prune_interval = interval;
-        self
-    }
-    /// See [`Config::prune_batch_size`].
-    pub fn prune_batch_size(mut self, rows: usize) -> Self {
-        self.prune_batch_size = rows;
-        self
-    }
-    /// See [`Config::pooler`].
-    pub fn pooler(mut self, mode: PoolerMode) -> Self {
-        self.pooler = mode;
-        self
-    }
-    /// See [`Config::max_session_bytes`].
-    pub fn max_session_bytes(mut self, bytes: usize) -> Self {
-        self.max_session_bytes = bytes;
-        self
-    }
-    /// See [`Config::health_check_interval`].
-    pub fn health_check_interval(mut self, interval: Duration) -> Self {
-        self.health_check_interval = interval;
-        self
-    }
-    /// See [`Config::slow_check_threshold`].
-    pub fn slow_check_threshold(mut self, threshold: Duration) -> Self {
-        self.slow_check_threshold = threshold;
-        self
-    }
-    /// See [`Config::breaker_threshold`].
-    pub fn breaker_threshold(mut self, failures: u32) -> Self {
-        self.breaker_threshold = failures;
-        self
-    }
-    /// See [`Config::breaker_cool_down`].
-    pub fn breaker_cool_down(mut self, cool_down: Duration) -> Self {
-        self.breaker_cool_down = cool_down;
-        self
-    }
-    /// See [`Config::breaker_max_cool_down`].
-    pub fn breaker_max_cool_down(mut self, cool_down: Duration) -> Self {
-        self.breaker_max_cool_down = cool_down;
-        self
-    }
-    /// See [`Config::cache_max_entries`].
-    pub fn cache_max_entries(mut self, entries: usize) -> Self {
-        self.cache_max_entries = entries;
-        self
-    }
-    /// See [`Config::cache_max_bytes`].
-    pub fn cache_max_bytes(mut self, bytes: usize) -> Self {
-        self.cache_max_bytes = bytes;
-        self
-    }
-    /// See [`Config::journal_max_bytes`].
-    pub fn journal_max_bytes(mut self, bytes: usize) -> Self {
-        self.journal_max_bytes = bytes;
-        self
-    }
-    /// See [`Config::fallback`].
-    pub fn fallback(mut self, on: bool) -> Self {
-        self.fallback = on;
-        self
-    }
-    /// See [`Config::journal_dir`].
-    pub fn journal_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.journal_dir = dir.into();
-        self
-    }
+
     /// Accepts any server certificate. Only for tests and for servers whose
     /// certificate cannot be checked; a warning is logged at every connect.
     pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
@@ -807,118 +798,203 @@ impl ConfigBuilder {
             .ok_or(ConfigError::Missing("DATABASE_URL"))?;
         let (mut pg, mut per_host, mut tls) = parse_url(url)?;
         tls.accept_invalid_certs = self.tls_insecure;
-
-        positive("pool_size", self.pool_size)?;
-        positive("max_uses", self.max_uses)?;
-        positive("prune_batch_size", self.prune_batch_size)?;
-        positive("max_session_bytes", self.max_session_bytes)?;
-        positive("breaker_threshold", self.breaker_threshold as usize)?;
-        if self.breaker_max_cool_down < self.breaker_cool_down {
-            return Err(ConfigError::invalid(
-                "breaker_max_cool_down",
-                "is shorter than breaker_cool_down",
-            ));
-        }
-        if self.min_idle > self.pool_size {
-            return Err(ConfigError::invalid(
-                "min_idle",
-                format!(
-                    "{} is more than pool_size ({})",
-                    self.min_idle, self.pool_size
-                ),
-            ));
-        }
-        // The pool preallocates a slot per connection: refuse absurd sizes
-        // here rather than abort in `Store::new`. `pool_size * 2` overflowed
-        // (found by the `config` fuzz target).
-        if self.pool_size > MAX_POOL_SIZE {
-            return Err(ConfigError::invalid(
-                "pool_size",
-                format!("{} is more than {MAX_POOL_SIZE}", self.pool_size),
-            ));
-        }
-        let pool_max_size = self
-            .pool_max_size
-            .unwrap_or(self.pool_size.saturating_mul(2).min(MAX_POOL_SIZE));
-        if pool_max_size > MAX_POOL_SIZE {
-            return Err(ConfigError::invalid(
-                "pool_max_size",
-                format!("{pool_max_size} is more than {MAX_POOL_SIZE}"),
-            ));
-        }
-        if pool_max_size < self.pool_size {
-            return Err(ConfigError::invalid(
-                "pool_max_size",
-                format!(
-                    "{pool_max_size} is less than pool_size ({})",
-                    self.pool_size
-                ),
-            ));
-        }
-        for (setting, value) in [
-            ("idle_timeout", self.idle_timeout),
-            ("connect_timeout", self.connect_timeout),
-            ("acquire_timeout", self.acquire_timeout),
-            ("statement_timeout", self.statement_timeout),
-            ("query_timeout", self.query_timeout),
-            ("keepalive_idle", self.keepalive_idle),
-            ("lifetime", self.lifetime),
-            ("prune_interval", self.prune_interval),
-            ("health_check_interval", self.health_check_interval),
-            ("breaker_cool_down", self.breaker_cool_down),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError::invalid(setting, "must be more than zero"));
-            }
-        }
-        let schema =
-            Identifier::new(&self.schema).map_err(|r| ConfigError::invalid("schema", r))?;
-        let table = Identifier::new(&self.table).map_err(|r| ConfigError::invalid("table", r))?;
-
+        let settings = self.values.check()?;
         for pg in std::iter::once(&mut pg).chain(per_host.iter_mut()) {
-            pg.connect_timeout(self.connect_timeout);
+            pg.connect_timeout(settings.connect_timeout);
             pg.keepalives(true);
-            pg.keepalives_idle(self.keepalive_idle);
+            pg.keepalives_idle(settings.keepalive_idle);
             if pg.get_application_name().is_none() {
                 pg.application_name("pgsession");
             }
         }
-
         Ok(Config {
             pg,
             per_host,
             tls,
-            pool_size: self.pool_size,
-            pool_max_size,
-            min_idle: self.min_idle,
-            idle_timeout: self.idle_timeout,
-            connect_timeout: self.connect_timeout,
-            acquire_timeout: self.acquire_timeout,
-            statement_timeout: self.statement_timeout,
-            query_timeout: self.query_timeout,
-            max_uses: self.max_uses,
-            keepalive_idle: self.keepalive_idle,
-            startup_retries: self.startup_retries,
-            startup_backoff: self.startup_backoff,
-            schema,
-            table,
-            create_table: self.create_table,
-            lifetime: self.lifetime,
-            prune_interval: self.prune_interval,
-            prune_batch_size: self.prune_batch_size,
-            pooler: self.pooler,
-            max_session_bytes: self.max_session_bytes,
-            health_check_interval: self.health_check_interval,
-            slow_check_threshold: self.slow_check_threshold,
-            breaker_threshold: self.breaker_threshold,
-            breaker_cool_down: self.breaker_cool_down,
-            breaker_max_cool_down: self.breaker_max_cool_down,
-            cache_max_entries: self.cache_max_entries,
-            cache_max_bytes: self.cache_max_bytes,
-            journal_max_bytes: self.journal_max_bytes,
-            journal_dir: self.journal_dir,
-            fallback: self.fallback,
+            settings,
         })
+    }
+}
+
+// The checks of the list: each takes the builder's values (for a setting
+// checked against another), the setting's name and its value, and returns
+// the value the configuration holds.
+
+fn any<T: Clone>(_: &Values, _: &str, value: &T) -> Result<T, ConfigError> {
+    Ok(value.clone())
+}
+
+fn at_least_one<T: Copy + Default + PartialEq>(
+    _: &Values,
+    setting: &str,
+    value: &T,
+) -> Result<T, ConfigError> {
+    if *value == T::default() {
+        return Err(ConfigError::invalid(setting, "must be at least 1"));
+    }
+    Ok(*value)
+}
+
+fn more_than_zero(_: &Values, setting: &str, value: &Duration) -> Result<Duration, ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::invalid(setting, "must be more than zero"));
+    }
+    Ok(*value)
+}
+
+fn identifier(_: &Values, setting: &str, value: &str) -> Result<Identifier, ConfigError> {
+    Identifier::new(value).map_err(|reason| ConfigError::invalid(setting, reason))
+}
+
+/// The pool preallocates a slot per connection: absurd sizes are refused
+/// here rather than abort in `Store::new` (`pool_size * 2` overflowed,
+/// found by the `config` fuzz target).
+fn pool_size_in_range(values: &Values, setting: &str, size: &usize) -> Result<usize, ConfigError> {
+    at_least_one(values, setting, size)?;
+    if *size > MAX_POOL_SIZE {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("{size} is more than {MAX_POOL_SIZE}"),
+        ));
+    }
+    Ok(*size)
+}
+
+fn pool_max_size_resolved(
+    values: &Values,
+    setting: &str,
+    size: &Option<usize>,
+) -> Result<usize, ConfigError> {
+    let size = size.unwrap_or(values.pool_size.saturating_mul(2).min(MAX_POOL_SIZE));
+    if size > MAX_POOL_SIZE {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("{size} is more than {MAX_POOL_SIZE}"),
+        ));
+    }
+    if size < values.pool_size {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("{size} is less than pool_size ({})", values.pool_size),
+        ));
+    }
+    Ok(size)
+}
+
+fn at_most_pool_size(values: &Values, setting: &str, count: &usize) -> Result<usize, ConfigError> {
+    if *count > values.pool_size {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("{count} is more than pool_size ({})", values.pool_size),
+        ));
+    }
+    Ok(*count)
+}
+
+fn at_least_cool_down(
+    values: &Values,
+    setting: &str,
+    ceiling: &Duration,
+) -> Result<Duration, ConfigError> {
+    if *ceiling < values.breaker_cool_down {
+        return Err(ConfigError::invalid(
+            setting,
+            "is shorter than breaker_cool_down",
+        ));
+    }
+    Ok(*ceiling)
+}
+
+/// A type of setting: how its values are read from text, and what a usage
+/// line calls them.
+trait Value: Sized {
+    const HINT: &'static str;
+    fn parse(setting: &str, text: &str) -> Result<Self, ConfigError>;
+}
+
+impl Value for usize {
+    const HINT: &'static str = "N";
+    fn parse(setting: &str, text: &str) -> Result<Self, ConfigError> {
+        parse_count(setting, text)
+    }
+}
+
+impl Value for u32 {
+    const HINT: &'static str = "N";
+    fn parse(setting: &str, text: &str) -> Result<Self, ConfigError> {
+        u32::try_from(parse_count(setting, text)?)
+            .map_err(|_| ConfigError::invalid(setting, "too large"))
+    }
+}
+
+/// A count that may be left to the configuration (`auto`).
+impl Value for Option<usize> {
+    const HINT: &'static str = "N";
+    fn parse(setting: &str, text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "auto" => Ok(None),
+            _ => parse_count(setting, text).map(Some),
+        }
+    }
+}
+
+impl Value for Duration {
+    const HINT: &'static str = "DURATION";
+    fn parse(setting: &str, text: &str) -> Result<Self, ConfigError> {
+        parse_duration(setting, text)
+    }
+}
+
+impl Value for bool {
+    const HINT: &'static str = "BOOL";
+    fn parse(setting: &str, text: &str) -> Result<Self, ConfigError> {
+        parse_bool(setting, text)
+    }
+}
+
+/// A name, checked as an identifier at [`ConfigBuilder::build`].
+impl Value for String {
+    const HINT: &'static str = "NAME";
+    fn parse(_: &str, text: &str) -> Result<Self, ConfigError> {
+        Ok(text.to_owned())
+    }
+}
+
+impl Value for PathBuf {
+    const HINT: &'static str = "DIR";
+    fn parse(_: &str, text: &str) -> Result<Self, ConfigError> {
+        Ok(PathBuf::from(text))
+    }
+}
+
+impl Value for PoolerMode {
+    const HINT: &'static str = "MODE";
+    fn parse(_: &str, text: &str) -> Result<Self, ConfigError> {
+        text.parse()
+    }
+}
+
+/// How a getter hands out what the configuration holds: a copy, or a
+/// borrow (a path, a name).
+trait Get<'a, R> {
+    fn get(&'a self) -> R;
+}
+
+impl<T: Copy> Get<'_, T> for T {
+    fn get(&self) -> T {
+        *self
+    }
+}
+
+impl<'a> Get<'a, &'a Path> for PathBuf {
+    fn get(&'a self) -> &'a Path {
+        self
+    }
+}
+
+impl<'a> Get<'a, &'a Identifier> for Identifier {
+    fn get(&'a self) -> &'a Identifier {
+        self
     }
 }
 
@@ -931,19 +1007,22 @@ const MAX_POOL_SIZE: usize = 10_000;
 /// overflow.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
-fn positive(setting: &str, value: usize) -> Result<(), ConfigError> {
-    if value == 0 {
-        return Err(ConfigError::invalid(setting, "must be at least 1"));
-    }
-    Ok(())
-}
-
+/// A whole number, `_` allowed between digits; a size in bytes may end in
+/// `KiB`, `MiB` or `GiB`.
 fn parse_count(setting: &str, value: &str) -> Result<usize, ConfigError> {
-    value.replace('_', "").parse().map_err(|_| {
-        ConfigError::invalid(setting, format!("expected a whole number, got {value:?}"))
-    })
+    let text = value.replace('_', "");
+    let (number, scale) = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)]
+        .into_iter()
+        .find_map(|(unit, scale)| Some((text.strip_suffix(unit)?.trim_end(), scale)))
+        .unwrap_or((&text, 1));
+    number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| {
+            ConfigError::invalid(setting, format!("expected a whole number, got {value:?}"))
+        })
 }
-
 fn parse_bool(setting: &str, value: &str) -> Result<bool, ConfigError> {
     match value.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -1188,6 +1267,20 @@ mod tests {
         assert_eq!(c.prune_interval(), Duration::from_secs(900));
         assert_eq!(c.health_check_interval(), Duration::from_secs(30));
         assert_eq!(c.slow_check_threshold(), Duration::from_secs(1));
+        assert_eq!(c.pool_max_size(), 10);
+        assert_eq!(c.acquire_timeout(), Duration::from_secs(5));
+        assert!(c.create_table());
+        assert_eq!(c.prune_batch_size(), 1_000);
+        assert_eq!(c.pooler(), PoolerMode::Direct);
+        assert_eq!(c.max_session_bytes(), 64 * 1024);
+        assert_eq!(c.breaker_threshold(), 5);
+        assert_eq!(c.breaker_cool_down(), Duration::from_secs(1));
+        assert_eq!(c.breaker_max_cool_down(), Duration::from_secs(30));
+        assert_eq!(c.cache_max_entries(), 10_000);
+        assert_eq!(c.cache_max_bytes(), 16 * 1024 * 1024);
+        assert_eq!(c.journal_max_bytes(), 64 * 1024 * 1024);
+        assert_eq!(c.journal_dir(), Path::new(".pgsession/journal"));
+        assert!(c.fallback());
         assert_eq!(c.tls().mode, SslMode::Prefer);
         assert!(c.tls().sni);
         assert!(!c.tls().accept_invalid_certs);
@@ -1198,6 +1291,90 @@ mod tests {
         );
         assert!(c.postgres().get_keepalives());
         assert_eq!(c.postgres().get_keepalives_idle(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_list_gives_each_setting_a_variable_a_flag_a_default_and_a_reason() {
+        let names: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
+        let env: Vec<(&str, &str)> = SETTINGS.iter().map(|s| (s.env, s.name)).collect();
+        assert_eq!(env, ENV_SETTINGS, "one list, in one order");
+        let mut explicit = Config::builder();
+        for (i, setting) in SETTINGS.iter().enumerate() {
+            assert!(
+                !names[..i].contains(&setting.name),
+                "{} twice",
+                setting.name
+            );
+            assert!(setting.env.starts_with("PGSESSION_") || setting.name == "url");
+            assert!(!setting.summary().is_empty(), "{}", setting.name);
+            assert!(
+                setting.description().contains("\n\n"),
+                "{}: the doc says why, after its summary",
+                setting.name
+            );
+            if let Some(default) = setting.default {
+                explicit = explicit.set(setting.name, default).unwrap();
+            }
+        }
+        assert_eq!(SETTINGS[0].flag(), "database-url");
+        assert!(SETTINGS.iter().any(|s| s.flag() == "journal-max-bytes"));
+        // The defaults as text are the defaults.
+        let url = "postgres://localhost/app";
+        assert_eq!(explicit.url(url).build().unwrap(), build(url).unwrap());
+        // Every setting of the configuration is shown, none twice.
+        let shown = format!("{:?}", build(url).unwrap());
+        for name in names
+            .iter()
+            .filter(|n| !["url", "tls_insecure"].contains(n))
+        {
+            assert_eq!(
+                shown.matches(&format!(" {name}: ")).count(),
+                1,
+                "{name}: {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_take_binary_units_and_the_pool_ceiling_auto() {
+        let c = Config::from_vars([
+            ("DATABASE_URL", "postgres://localhost/app"),
+            ("PGSESSION_CACHE_MAX_BYTES", "2MiB"),
+            ("PGSESSION_MAX_SESSION_BYTES", "8 KiB"),
+            ("PGSESSION_JOURNAL_MAX_BYTES", "1_000"),
+            ("PGSESSION_POOL_SIZE", "4"),
+            ("PGSESSION_POOL_MAX_SIZE", "auto"),
+        ])
+        .unwrap();
+        assert_eq!(c.cache_max_bytes(), 2 << 20);
+        assert_eq!(c.max_session_bytes(), 8 << 10);
+        assert_eq!(c.journal_max_bytes(), 1_000);
+        assert_eq!(c.pool_max_size(), 8);
+        let too_big = format!("{}GiB", usize::MAX);
+        for bad in ["1KB", "KiB", "-1KiB", too_big.as_str()] {
+            let err = Config::builder().set("cache_max_bytes", bad).unwrap_err();
+            assert!(err.to_string().contains("cache_max_bytes"), "{bad}: {err}");
+        }
+    }
+
+    /// The driver is the consumer of these two: each host's configuration
+    /// carries them (tokio-postgres sets the socket's keepalive and bounds
+    /// the connect with them).
+    #[test]
+    fn connect_timeout_and_keepalive_idle_reach_the_driver_for_every_host() {
+        let c = Config::builder()
+            .url("postgres://a:5432,b:5433/app")
+            .connect_timeout(Duration::from_secs(3))
+            .keepalive_idle(Duration::from_secs(42))
+            .build()
+            .unwrap();
+        assert_eq!(c.per_host.len(), 2);
+        for pg in std::iter::once(&c.pg).chain(&c.per_host) {
+            assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(3)));
+            assert!(pg.get_keepalives());
+            assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(42));
+        }
+        assert_eq!(c.connect_budget(), Duration::from_secs(6));
     }
 
     #[test]

@@ -862,6 +862,27 @@ impl SetCookie {
     }
 }
 
+/// Checks a cookie name as [`SetCookie::to_header_value`] will.
+pub(crate) fn check_name(name: &str) -> Result<(), CookieError> {
+    valid_cookie_name(name)
+        .then_some(())
+        .ok_or_else(|| CookieError::InvalidName(name.to_owned()))
+}
+
+/// Checks a cookie domain as [`SetCookie::to_header_value`] will.
+pub(crate) fn check_domain(domain: &str) -> Result<(), CookieError> {
+    valid_domain(domain)
+        .then_some(())
+        .ok_or_else(|| CookieError::InvalidDomain(domain.to_owned()))
+}
+
+/// Checks a cookie path as [`SetCookie::to_header_value`] will.
+pub(crate) fn check_path(path: &str) -> Result<(), CookieError> {
+    valid_path(path)
+        .then_some(())
+        .ok_or_else(|| CookieError::InvalidPath(path.to_owned()))
+}
+
 /// The `cookie` package's name rule: an RFC 7230 token.
 fn valid_cookie_name(name: &str) -> bool {
     !name.is_empty()

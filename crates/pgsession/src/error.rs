@@ -89,8 +89,8 @@ pub enum ErrorKind {
     Connect,
     /// [`Error::QueryTimeout`].
     Timeout,
-    /// The connection broke during a query.
-    Closed,
+    /// The connection broke during a query (label `closed`).
+    ConnectionClosed,
     /// The server answered with an error (see [`Error::sql_state`]).
     Database,
     /// [`Error::Closed`].
@@ -104,14 +104,29 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind's label, as [`ErrorKind::as_str`] gives it (the values of
+    /// `pgsession_errors_total{kind}`).
+    pub const LABELS: [&'static str; 10] = [
+        ErrorKind::Config.as_str(),
+        ErrorKind::Acquire.as_str(),
+        ErrorKind::Connect.as_str(),
+        ErrorKind::Timeout.as_str(),
+        ErrorKind::ConnectionClosed.as_str(),
+        ErrorKind::Database.as_str(),
+        ErrorKind::StoreClosed.as_str(),
+        ErrorKind::Unavailable.as_str(),
+        ErrorKind::TooLarge.as_str(),
+        ErrorKind::Journal.as_str(),
+    ];
+
     /// The label, e.g. `"connect"`.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Config => "config",
             ErrorKind::Acquire => "acquire",
             ErrorKind::Connect => "connect",
             ErrorKind::Timeout => "timeout",
-            ErrorKind::Closed => "closed",
+            ErrorKind::ConnectionClosed => "closed",
             ErrorKind::Database => "database",
             ErrorKind::StoreClosed => "store_closed",
             ErrorKind::Unavailable => "unavailable",
@@ -130,7 +145,7 @@ impl Error {
             Error::ConnectTimeout(_) => ErrorKind::Connect,
             Error::QueryTimeout { .. } => ErrorKind::Timeout,
             Error::Postgres(e) if e.as_db_error().is_some() => ErrorKind::Database,
-            Error::Postgres(e) if e.is_closed() => ErrorKind::Closed,
+            Error::Postgres(e) if e.is_closed() => ErrorKind::ConnectionClosed,
             Error::Postgres(_) => ErrorKind::Connect,
             Error::Closed => ErrorKind::StoreClosed,
             Error::Unavailable => ErrorKind::Unavailable,
@@ -365,20 +380,6 @@ pub(crate) fn is_transient_sql_state(code: &str) -> bool {
             code,
             "57P01" | "57P02" | "57P03" | "53300" | "25006" | "26000"
         )
-}
-
-impl From<deadpool_postgres::PoolError> for Error {
-    fn from(error: deadpool_postgres::PoolError) -> Self {
-        use deadpool_postgres::{PoolError, TimeoutType};
-        match error {
-            PoolError::Backend(e) => Error::Postgres(e),
-            // The durations are filled in by the pool, which knows them.
-            PoolError::Timeout(TimeoutType::Wait) => Error::AcquireTimeout(Duration::ZERO),
-            PoolError::Timeout(_) => Error::ConnectTimeout(Duration::ZERO),
-            PoolError::Closed => Error::Closed,
-            PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => Error::Closed,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ mod error;
 mod health;
 pub mod http;
 mod memory;
+pub mod metrics;
 mod pool;
 pub mod record;
 mod resilience;
@@ -46,7 +47,10 @@ pub mod tower_sessions;
 pub use backend::SessionBackend;
 pub use config::{Config, ConfigBuilder, ConfigError, PoolerMode, SslMode, TlsConfig};
 pub use error::{Error, ErrorKind};
-pub use health::{CheckResult, Event, HealthStatus, JournalHealth, StoreHealth};
+pub use health::{
+    CheckResult, CheckSource, Event, HealthStatus, JournalHealth, StoreHealth, TimelineEntry,
+    WriteBackProgress,
+};
 pub use memory::MemoryStore;
 pub use pool::PoolStatus;
 pub use record::StoredSession;

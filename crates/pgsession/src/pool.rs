@@ -159,7 +159,15 @@ impl SessionPool {
                 create: Some(config.connect_budget()),
                 recycle: Some(Duration::from_secs(5)),
             })
-            .pre_recycle(Hook::sync_fn(move |_, metrics| {
+            .pre_recycle(Hook::sync_fn(move |client, metrics| {
+                // A link the server closed while idle (an idle timeout, a
+                // serverless database suspending) is expected: it is
+                // replaced here, quietly, before deadpool's own check would
+                // log a WARN for it.
+                if client.is_closed() {
+                    tracing::debug!(target: "session_pool", "an idle connection was closed by the server; replacing it");
+                    return Err(HookError::message("closed by the server"));
+                }
                 // recycle_count counts reuses; this checkout would be use
                 // number recycle_count + 2.
                 if metrics.recycle_count + 1 >= max_uses {
@@ -222,16 +230,10 @@ impl SessionPool {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
-                Err(e) => {
-                    break Err(match Error::from(e) {
-                        Error::AcquireTimeout(_) => Error::AcquireTimeout(self.acquire_timeout),
-                        Error::ConnectTimeout(_) => Error::ConnectTimeout(self.connect_timeout),
-                        other => other,
-                    })
-                }
+                Err(e) => break Err(self.pool_error(e)),
             }
         };
-        metrics::histogram!("pgsession_pool_acquire_seconds").record(started.elapsed());
+        metrics::histogram!(crate::metrics::POOL_ACQUIRE_SECONDS).record(started.elapsed());
         let (conn, pass, asked) = got?;
         let opened = Object::metrics(&conn);
         // Opened by this very call: never used, and created since it asked.
@@ -335,6 +337,20 @@ impl SessionPool {
             .await
             .map_err(|_| timed_out())??;
         Ok(())
+    }
+
+    /// A deadpool failure as the store's error, with the timeouts in force
+    /// (deadpool does not say which).
+    fn pool_error(&self, error: deadpool_postgres::PoolError) -> Error {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        match error {
+            PoolError::Backend(e) => Error::Postgres(e),
+            PoolError::Timeout(TimeoutType::Wait) => Error::AcquireTimeout(self.acquire_timeout),
+            PoolError::Timeout(_) => Error::ConnectTimeout(self.connect_timeout),
+            PoolError::Closed | PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
+                Error::Closed
+            }
+        }
     }
 
     /// The pool's figures now.

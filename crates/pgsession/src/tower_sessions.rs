@@ -52,7 +52,8 @@
 //! which tower-sessions stores as a two-week expiry date and so reaches the
 //! document as a dated cookie.
 //!
-//! Expired rows are removed by [`Store::spawn_pruner`], or through
+//! Expired rows are removed by the store's pruner (on unless `prune` is
+//! off), or through
 //! [`ExpiredDeletion::delete_expired`], which runs one [`Store::prune`].
 //!
 //! ```no_run
@@ -70,8 +71,7 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = pgsession::Config::from_env()?;
-//! let store = pgsession::Store::new(config)?;
-//! store.spawn_pruner();
+//! let store = pgsession::Store::new(config)?; // prunes expired rows too
 //!
 //! let sessions = SessionManagerLayer::new(TowerSessionStore::new(store.clone()))
 //!     .with_secure(false)

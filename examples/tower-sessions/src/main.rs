@@ -44,8 +44,8 @@ async fn main() -> anyhow::Result<()> {
     let config = pgsession::Config::from_env().context("reading the store's configuration")?;
     let store = pgsession::Store::new(config).context("starting the session store")?;
     // Start-up goes on in the background if the database is away; the
-    // requests wait for it. Expired rows are deleted every prune interval.
-    store.spawn_pruner();
+    // requests wait for it. Expired rows are deleted every prune interval
+    // (`PGSESSION_PRUNE=false` leaves that to a scheduled `pgsession prune`).
 
     let sessions = SessionManagerLayer::new(TowerSessionStore::new(store.clone()))
         // Plain HTTP for a local try-out; keep the default (true) behind TLS.

@@ -1212,6 +1212,7 @@ impl Doctor {
             .clone()
             .create_table(false)
             .fallback(false)
+            .prune(false)
             .build();
         let config = match config {
             Ok(config) => config,
@@ -1579,7 +1580,7 @@ fn store_error_hint(e: &pgsession::Error, connect_timeout: Duration) -> String {
         }
     }
     match e.kind() {
-        pgsession::ErrorKind::Connect | pgsession::ErrorKind::Closed => {
+        pgsession::ErrorKind::Connect | pgsession::ErrorKind::ConnectionClosed => {
             connect_timeout_hint(connect_timeout)
         }
         pgsession::ErrorKind::Acquire => "no pool connection became free: raise \

@@ -2,8 +2,6 @@
 //! they can be called (and tested) without a process; plus what they share:
 //! building the store and waiting for it with the start-up retries.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 use pgsession::{ConfigBuilder, Store};
 
@@ -38,48 +36,29 @@ pub(crate) fn store_for_command(
             UsageError::new("no database given: set DATABASE_URL or pass --database-url").into(),
         );
     }
-    // One-shot commands keep no fallback: they journal nothing, and must
+    // One-shot commands keep no fallback and run no background pruner:
+    // they journal nothing, and must
     // not adopt the journal files of a server that died in this directory.
-    let config = adjust(args.builder()?.fallback(false)).build()?;
+    let config = adjust(args.builder()?.fallback(false).prune(false)).build()?;
     Store::new(config).context("cannot create the session store")
 }
 
-/// Waits until the store is ready (the table exists), trying again on
-/// transient errors with the start-up retries and backoff of the
-/// configuration (1 s, 2 s, 4 s by default). Fails with the last error.
+/// Waits for the store's start-up sequence ([`Store::wait_ready`]: the
+/// start-up retries with their backoff); fails with the last error, saying
+/// what could not be done.
 pub(crate) async fn wait_ready(store: &Store) -> anyhow::Result<()> {
-    let config = store.config();
-    let retries = config.startup_retries();
-    let mut delay = config.startup_backoff();
-    let mut attempt = 0;
-    loop {
-        match store.ready().await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() && attempt < retries => {
-                attempt += 1;
-                tracing::warn!(
-                    target: "session_store",
-                    attempt, of = retries + 1, error = %e, retry_in = ?delay,
-                    "database not reachable yet; retrying"
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(60));
-            }
-            Err(e) => {
-                let attempts = attempt + 1;
-                let target = config.target();
-                let context = if e.is_transient() {
-                    format!(
-                        "cannot reach the session database at {target} ({attempts} attempt{})",
-                        if attempts == 1 { "" } else { "s" }
-                    )
-                } else {
-                    format!("cannot prepare the session table on {target}")
-                };
-                return Err(e).context(context);
-            }
-        }
-    }
+    store.wait_ready().await.map_err(|e| {
+        let target = store.config().target();
+        let context = if e.is_transient() {
+            format!(
+                "cannot reach the session database at {target} ({} attempts)",
+                store.config().startup_retries() + 1
+            )
+        } else {
+            format!("cannot prepare the session table on {target}")
+        };
+        anyhow::Error::new(e).context(context)
+    })
 }
 
 /// `"schema"."table"`, as the store names its table.

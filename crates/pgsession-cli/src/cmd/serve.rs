@@ -10,6 +10,7 @@
 
 use std::future::IntoFuture as _;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use crate::embedded::{self, EmbeddedPostgres};
 use crate::UsageError;
 
 mod health;
+mod history;
 mod metrics;
 mod routes;
 
@@ -134,7 +136,7 @@ pub(crate) async fn run(args: ServeArgs, shutdown: Shutdown) -> anyhow::Result<(
             .url("postgres://127.0.0.1/pgsession")
             .build()?;
     }
-    let secrets = secrets(args.secret.as_deref())?;
+    let given_secrets = given_secrets(args.secret.as_deref())?;
 
     let listener = TcpListener::bind(&args.listen)
         .await
@@ -142,25 +144,159 @@ pub(crate) async fn run(args: ServeArgs, shutdown: Shutdown) -> anyhow::Result<(
     let addr = listener.local_addr()?;
 
     let backend = open_backend(&args, builder).await?;
+    let secrets = match given_secrets {
+        Some(secrets) => secrets,
+        None => match generated_secrets(&backend, &args.data_dir) {
+            Ok(secrets) => secrets,
+            Err(e) => {
+                let _ = close_backend(backend).await;
+                return Err(e);
+            }
+        },
+    };
     let result = serve(listener, addr, &backend, secrets, &args, shutdown).await;
     let closed = close_backend(backend).await;
     result.and(closed)
 }
 
-/// The signing secrets: `PGSESSION_SECRET`, or a random one with a warning.
-fn secrets(list: Option<&str>) -> anyhow::Result<Secrets> {
+/// The signing secrets of `PGSESSION_SECRET`, checked before anything
+/// starts; `None` when it is not set.
+fn given_secrets(list: Option<&str>) -> anyhow::Result<Option<Secrets>> {
     match list {
         Some(list) if !list.is_empty() => Secrets::parse_list(list)
+            .map(Some)
             .map_err(|e| UsageError::new(format!("PGSESSION_SECRET (--secret): {e}")).into()),
-        _ => {
-            tracing::warn!(
-                "PGSESSION_SECRET is not set: cookies are signed with a random secret made now, \
-                 so sessions will not survive a restart of this server"
-            );
-            let random = format!("{}{}", SessionId::generate(), SessionId::generate());
-            Ok(Secrets::parse_list(&random)?)
-        }
+        _ => Ok(None),
     }
+}
+
+/// The file, in the data directory, that keeps the secret made when
+/// `PGSESSION_SECRET` is not set.
+const SECRET_FILE: &str = "secret";
+
+/// The signing secret when `PGSESSION_SECRET` is not set. Sessions kept in
+/// PostgreSQL outlive the process, so the secret does too: it is made once
+/// and kept in `<data dir>/secret` (mode 0600), and every later start reuses
+/// it. The in-memory store loses its sessions at exit anyway: a new secret.
+fn generated_secrets(backend: &Backend, data_dir: &Path) -> anyhow::Result<Secrets> {
+    let embedded = match backend {
+        Backend::Memory(_) => {
+            tracing::info!(
+                "PGSESSION_SECRET is not set: cookies are signed with a random secret made now \
+                 (sessions are in memory and end with this process anyway)"
+            );
+            return Ok(Secrets::parse_list(&random_secret())?);
+        }
+        Backend::Postgres { embedded, .. } => embedded.is_some(),
+    };
+    let path = std::path::absolute(data_dir.join(SECRET_FILE))
+        .unwrap_or_else(|_| data_dir.join(SECRET_FILE));
+    let (secrets, made) = kept_secret(&path)?;
+    let when = if made {
+        "made now"
+    } else {
+        "made by an earlier run"
+    };
+    if embedded {
+        tracing::info!(
+            secret_file = %path.display(),
+            "PGSESSION_SECRET is not set: cookies are signed with the secret kept in {} ({when}), \
+             so sessions survive a restart. Keep that file private, or set PGSESSION_SECRET to \
+             choose the secret",
+            path.display()
+        );
+    } else {
+        tracing::warn!(
+            secret_file = %path.display(),
+            "PGSESSION_SECRET is not set: cookies are signed with the secret kept in {} ({when}), \
+             which only this machine has. Set the same PGSESSION_SECRET on every server of this \
+             database, or a session made by one is refused by the others",
+            path.display()
+        );
+    }
+    Ok(secrets)
+}
+
+/// The secret kept in `path`, made now (and `true`) when there is none.
+/// The file is written whole under another name, then linked into place,
+/// so that two servers started together agree on one secret and none reads
+/// half a file.
+fn kept_secret(path: &Path) -> anyhow::Result<(Secrets, bool)> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+
+    let read = |path: &Path| -> anyhow::Result<Option<Secrets>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot read the signing secret kept in {}",
+                    path.display()
+                )))
+            }
+        };
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                secret_file = %path.display(),
+                "the signing secret could be read by other users (mode {:o}): made private (0600)",
+                mode & 0o777
+            );
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot make {} private", path.display()))?;
+        }
+        let secrets = Secrets::parse_list(text.trim()).map_err(|e| {
+            UsageError::new(format!(
+                "the signing secret kept in {} is not valid ({e}); remove the file (a new one is                  made, and current sessions end) or set PGSESSION_SECRET",
+                path.display()
+            ))
+        })?;
+        Ok(Some(secrets))
+    };
+
+    if let Some(secrets) = read(path)? {
+        return Ok((secrets, false));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    let secret = random_secret();
+    let temporary = dir.join(format!(".{SECRET_FILE}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&temporary); // left by a crash of a process with our pid
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(format!("{secret}\n").as_bytes())?;
+            file.sync_all()
+        });
+    let linked = written.and_then(|()| std::fs::hard_link(&temporary, path));
+    let _ = std::fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => {
+            if let Ok(dir) = std::fs::File::open(dir) {
+                let _ = dir.sync_all();
+            }
+            Ok((Secrets::parse_list(&secret)?, true))
+        }
+        // Another server made it meanwhile: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match read(path)? {
+            Some(secrets) => Ok((secrets, false)),
+            None => anyhow::bail!("{} vanished while it was being made", path.display()),
+        },
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "cannot keep the signing secret in {} (set PGSESSION_SECRET instead)",
+            path.display()
+        ))),
+    }
+}
+
+/// A new random secret: two session ids, 64 characters.
+fn random_secret() -> String {
+    format!("{}{}", SessionId::generate(), SessionId::generate())
 }
 
 /// The database given; else an embedded PostgreSQL; else memory.
@@ -174,7 +310,7 @@ async fn open_backend(args: &ServeArgs, builder: ConfigBuilder) -> anyhow::Resul
             embedded: None,
         });
     }
-    let Some(bindir) = embedded::find_bindir() else {
+    let Some(binaries) = embedded::find_binaries() else {
         tracing::warn!(
             "NO DATABASE: DATABASE_URL is not set and no PostgreSQL server binaries were found \
              (initdb and pg_ctl on PATH or in `pg_config --bindir`). Sessions are kept IN MEMORY \
@@ -182,15 +318,25 @@ async fn open_backend(args: &ServeArgs, builder: ConfigBuilder) -> anyhow::Resul
         );
         return Ok(Backend::Memory(MemoryStore::new()));
     };
-    match EmbeddedPostgres::start(&args.data_dir, &bindir).await {
+    match EmbeddedPostgres::start(&args.data_dir, binaries).await {
         Ok(pg) => {
+            let why_there = if pg.relocated() {
+                format!(
+                    "; running as root, and the `postgres` user that runs it cannot reach {}, \
+                     so it lives there, linked from {}",
+                    pg.dir().display(),
+                    pg.dir().join("data").display()
+                )
+            } else {
+                String::new()
+            };
             tracing::info!(
-                data_dir = %pg.dir().display(),
+                data_dir = %pg.data_dir().display(),
                 port = pg.port(),
                 "DATABASE_URL is not set: sessions are stored in an embedded PostgreSQL \
-                 (127.0.0.1:{}, data in {}), kept across restarts",
+                 (127.0.0.1:{}, data in {}{why_there}), kept across restarts",
                 pg.port(),
-                pg.dir().display()
+                pg.data_dir().display()
             );
             let config = builder.url(pg.url()).build()?;
             let store = Store::new(config).context("cannot create the session store")?;
@@ -243,10 +389,8 @@ async fn serve(
     metrics::spawn_upkeep(stop_tasks.clone());
     let (layer, store, kind) = match backend {
         Backend::Postgres { store, embedded } => {
-            store.spawn_pruner();
-            let layer = pgsession::http::SessionLayer::new(store.clone(), secrets)
-                .with_lifetime(store.config().lifetime())
-                .with_max_session_bytes(store.config().max_session_bytes());
+            // The layer takes the store's lifetime and size limit.
+            let layer = pgsession::http::SessionLayer::new(store.clone(), secrets);
             let kind = if embedded.is_some() {
                 StoreKind::Embedded
             } else {
@@ -267,6 +411,7 @@ async fn serve(
         in_flight: Arc::default(),
     };
     let in_flight = state.in_flight.clone();
+    history::spawn(state.clone(), stop_tasks.clone());
     let app = routes::router(state, layer);
 
     tracing::info!("listening on http://{addr}");

@@ -4,7 +4,9 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
-use crate::common::{call, client, closed_port_url, eventually, ServeProcess, SECRET};
+use pgsession_testkit::server::StopMode;
+
+use crate::common::{call, client, closed_port_url, eventually, ServeProcess};
 
 #[tokio::test]
 async fn an_unreachable_database_does_not_stop_the_server() {
@@ -48,6 +50,10 @@ async fn an_unreachable_database_does_not_stop_the_server() {
     assert_eq!(serve.wait().await.code(), Some(0));
 }
 
+/// The newcomer's path: no `DATABASE_URL`, no `PGSESSION_SECRET`, in a
+/// private directory (mode 700, as `mktemp -d` makes them). As root, the
+/// `postgres` user cannot reach it, so the cluster lives in a directory of
+/// that user's, linked from `.pgsession/data`.
 #[tokio::test]
 async fn without_database_url_an_embedded_postgresql_is_used_and_kept() {
     if pgsession_binaries_missing() {
@@ -55,31 +61,32 @@ async fn without_database_url_an_embedded_postgresql_is_used_and_kept() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // As root, the server runs as `postgres`, which must reach the directory.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let pgsession_dir = dir.path().join(".pgsession");
+    let _cleanup = RemoveRelocatedCluster(pgsession_dir.join("data"));
+    let no_secret = [("PGSESSION_SECRET", "")];
     let http = client();
 
-    let mut serve = ServeProcess::start_in(dir.path(), None, None, &[]).await;
-    eventually("/readyz 200", Duration::from_secs(30), || async {
-        call(&http, &serve, "GET", "/readyz", None, None)
-            .await
-            .status
-            == 200
-    })
-    .await;
-    assert!(
-        serve.stderr().contains("embedded PostgreSQL"),
-        "{}",
-        serve.stderr()
+    let mut serve = ServeProcess::start_in(dir.path(), None, None, &no_secret).await;
+    wait_ready(&http, &serve).await;
+    let logs = serve.stderr();
+    assert!(logs.contains("embedded PostgreSQL"), "{logs}");
+    assert_eq!(
+        logs.matches("PGSESSION_SECRET is not set").count(),
+        1,
+        "the secret is announced once: {logs}"
     );
+    assert!(logs.contains("(made now)"), "{logs}");
     let health = call(&http, &serve, "GET", "/health", None, None).await;
     assert_eq!(health.json()["store"], "embedded");
     let a = call(&http, &serve, "POST", "/counter", None, None).await;
     assert_eq!(a.status, 200, "{}", a.body);
     let cookie = a.cookie.unwrap();
-    let data = dir.path().join(".pgsession/data");
+    let data = pgsession_dir.join("data");
     assert!(data.join("PG_VERSION").is_file());
-    assert!(dir.path().join(".pgsession/port").is_file());
+    assert!(pgsession_dir.join("port").is_file());
+    let secret = std::fs::metadata(pgsession_dir.join("secret")).expect("the secret is kept");
+    assert_eq!(secret.permissions().mode() & 0o777, 0o600);
     serve.sigterm();
     assert_eq!(serve.wait().await.code(), Some(0));
     assert!(
@@ -88,17 +95,13 @@ async fn without_database_url_an_embedded_postgresql_is_used_and_kept() {
     );
     drop(serve);
 
-    // The next run reuses the cluster: the session is still there.
-    let mut serve =
-        ServeProcess::start_in(dir.path(), None, None, &[("PGSESSION_SECRET", SECRET)]).await;
-    eventually("/readyz 200", Duration::from_secs(30), || async {
-        call(&http, &serve, "GET", "/readyz", None, None)
-            .await
-            .status
-            == 200
-    })
-    .await;
-    assert!(!serve.stderr().contains("initdb"), "{}", serve.stderr());
+    // The next run reuses the cluster and the secret: the session is still
+    // there, and its cookie still valid.
+    let mut serve = ServeProcess::start_in(dir.path(), None, None, &no_secret).await;
+    wait_ready(&http, &serve).await;
+    let logs = serve.stderr();
+    assert!(!logs.contains("initdb"), "{logs}");
+    assert!(logs.contains("(made by an earlier run)"), "{logs}");
     let a = call(&http, &serve, "POST", "/counter", Some(&cookie), None).await;
     assert_eq!(
         (a.status, a.json()["views"].as_u64()),
@@ -109,6 +112,31 @@ async fn without_database_url_an_embedded_postgresql_is_used_and_kept() {
     serve.sigterm();
     assert_eq!(serve.wait().await.code(), Some(0));
     assert!(!data.join("postmaster.pid").exists());
+}
+
+async fn wait_ready(http: &reqwest::Client, serve: &ServeProcess) {
+    eventually("/readyz 200", Duration::from_secs(30), || async {
+        call(http, serve, "GET", "/readyz", None, None).await.status == 200
+    })
+    .await;
+}
+
+/// Removes the cluster that `.pgsession/data` links to (as root, it lives
+/// outside the test's directory), when the test ends.
+struct RemoveRelocatedCluster(std::path::PathBuf);
+
+impl Drop for RemoveRelocatedCluster {
+    fn drop(&mut self) {
+        let Ok(target) = std::fs::read_link(&self.0) else {
+            return;
+        };
+        if let Some(server_dir) = target.parent() {
+            if let Ok(bin) = pgsession_testkit::server::Binaries::find() {
+                bin.stop_blocking(&target, StopMode::Immediate, "10");
+            }
+            let _ = std::fs::remove_dir_all(server_dir);
+        }
+    }
 }
 
 #[tokio::test]

@@ -13,29 +13,34 @@ use crate::{Error, ErrorKind};
 /// limit, 500 otherwise; each with a JSON body `{"error": "..."}`. An
 /// application that wants to go on without a session can match on it
 /// instead.
+///
+/// Each variant shows its cause in its message and does not return it again
+/// from `source()`, so a chain printer (anyhow's `{:#}`) says it once.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SessionError {
-    /// The store could not be reached or failed.
+    /// The store could not be reached or failed; a session over the size
+    /// limit is [`Error::TooLarge`] here too.
     #[error("session store unavailable: {0}")]
-    Store(#[from] Error),
-    /// The session grew over the configured limit.
-    #[error("session is {size} bytes, over the limit of {limit} bytes")]
-    TooLarge {
-        /// Serialized size, in bytes.
-        size: usize,
-        /// The limit, in bytes.
-        limit: usize,
-    },
+    Store(Error),
     /// A value could not be stored (e.g. the reserved key `cookie`).
     #[error("invalid session value: {0}")]
-    Value(#[source] RecordError),
+    Value(RecordError),
+}
+
+impl From<Error> for SessionError {
+    fn from(error: Error) -> Self {
+        SessionError::Store(error)
+    }
 }
 
 impl From<RecordError> for SessionError {
     fn from(error: RecordError) -> Self {
         match error {
-            RecordError::TooLarge { size, limit } => SessionError::TooLarge { size, limit },
+            // One "too large" for the handler, whichever layer measured it.
+            RecordError::TooLarge { size, limit } => {
+                SessionError::Store(Error::TooLarge { size, limit })
+            }
             other => SessionError::Value(other),
         }
     }
@@ -57,9 +62,7 @@ impl SessionError {
     /// failed one. 500 is left for what no waiting mends.
     pub fn status(&self) -> StatusCode {
         match self {
-            SessionError::Store(Error::TooLarge { .. }) | SessionError::TooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            SessionError::Store(Error::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             SessionError::Store(e)
                 if e.is_transient()
                     || e.config_hint().is_some()
@@ -78,7 +81,10 @@ impl SessionError {
             StatusCode::SERVICE_UNAVAILABLE => {
                 "session store unavailable, try again shortly".to_owned()
             }
-            StatusCode::PAYLOAD_TOO_LARGE => self.to_string(),
+            StatusCode::PAYLOAD_TOO_LARGE => match self {
+                SessionError::Store(e) => e.to_string(),
+                other => other.to_string(),
+            },
             _ => "session error".to_owned(),
         };
         let body = serde_json::json!({ "error": message }).to_string();
@@ -145,5 +151,22 @@ mod tests {
             status(Error::TooLarge { size: 2, limit: 1 }),
             StatusCode::PAYLOAD_TOO_LARGE
         );
+    }
+
+    #[test]
+    fn the_cause_is_said_once() {
+        use std::error::Error as _;
+        let error = SessionError::Store(Error::Unavailable);
+        assert!(
+            error.to_string().contains("circuit breaker open"),
+            "{error}"
+        );
+        assert!(
+            error.source().is_none(),
+            "the cause is in the message already"
+        );
+        let error = SessionError::from(RecordError::ReservedKey);
+        assert!(error.to_string().contains("reserved"), "{error}");
+        assert!(error.source().is_none());
     }
 }

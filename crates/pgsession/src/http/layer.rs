@@ -10,58 +10,41 @@ use tower::{Layer, Service};
 
 use super::backend::DynBackend;
 use super::session::Session;
-use crate::cookie::{parse_cookie_header, unsign, CookieLookup, SameSite, Secrets};
+use super::settings::{to_time, CookieSecure, Settings};
+use crate::cookie::{
+    self, parse_cookie_header, unsign, CookieError, CookieLookup, SameSite, Secrets,
+};
 use crate::SessionBackend;
-
-/// When the session cookie is marked `Secure`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CookieSecure {
-    /// Always (the default): browsers send it over HTTPS only.
-    #[default]
-    Always,
-    /// Never: for plain-HTTP development servers.
-    Never,
-    /// When the request came over HTTPS, as its URI or a proxy's
-    /// `X-Forwarded-Proto: https` says (express-session's `secure: 'auto'`).
-    Auto,
-}
-
-/// The layer's options, shared by every request.
-#[derive(Debug)]
-pub(crate) struct Settings {
-    pub(crate) secrets: Secrets,
-    pub(crate) cookie_name: String,
-    pub(crate) path: String,
-    pub(crate) domain: Option<String>,
-    pub(crate) secure: CookieSecure,
-    pub(crate) http_only: bool,
-    pub(crate) same_site: Option<SameSite>,
-    pub(crate) max_age: Option<time::Duration>,
-    pub(crate) lifetime: time::Duration,
-    pub(crate) rolling: bool,
-    pub(crate) save_uninitialized: bool,
-    pub(crate) touch_step: time::Duration,
-    pub(crate) max_session_bytes: usize,
-}
 
 /// A tower layer that gives every request a lazy [`Session`] kept in
 /// `backend`, with express-session's cookie (`connect.sid`, signed with the
 /// first of `secrets`).
 ///
-/// Defaults: `HttpOnly`, `SameSite=Lax`, `Secure`, path `/`, a
-/// browser-session cookie (no max age) whose row lives one day, not
-/// rolling, uninitialized sessions not saved, touch step 60 s, sessions up
-/// to 64 KiB.
+/// The session lifetime and the size limit come from the backend: for a
+/// [`Store`](crate::Store), its configuration (`PGSESSION_LIFETIME`,
+/// `PGSESSION_MAX_SESSION_BYTES`), so that one setting reaches both.
+/// Other defaults: `HttpOnly`, `SameSite=Lax`, `Secure`, path `/`, a
+/// browser-session cookie (no max age), not rolling, uninitialized sessions
+/// not saved, touch step 60 s.
 ///
-/// ```no_run
+/// Options that could make a cookie no browser accepts (name, path,
+/// domain) are checked when set and return an error; none panics, before
+/// or after the layer is cloned.
+///
+/// ```
 /// use std::time::Duration;
 /// use pgsession::http::{CookieSecure, SessionLayer};
-/// # fn build(store: pgsession::Store) -> Result<(), pgsession::cookie::CookieError> {
+/// # fn main() -> Result<(), pgsession::cookie::CookieError> {
 /// let secrets = pgsession::cookie::Secrets::parse_list("new-secret,old-secret")?;
-/// let layer = SessionLayer::new(store, secrets)
+/// let layer = SessionLayer::new(pgsession::MemoryStore::new(), secrets)
+///     .with_cookie_name("app.sid")?
 ///     .with_max_age(Some(Duration::from_secs(7 * 24 * 3600)))
 ///     .with_rolling(true)
 ///     .with_cookie_secure(CookieSecure::Auto);
+/// assert!(SessionLayer::new(pgsession::MemoryStore::new(), pgsession::cookie::Secrets::parse_list("s")?)
+///     .with_cookie_name("no spaces; please")
+///     .is_err());
+/// # let _ = layer;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -79,49 +62,42 @@ impl std::fmt::Debug for SessionLayer {
 }
 
 impl SessionLayer {
-    /// A layer keeping sessions in `backend`, signing cookies with `secrets`.
+    /// A layer keeping sessions in `backend`, signing cookies with
+    /// `secrets`, with the backend's lifetime and size limit.
     pub fn new(backend: impl SessionBackend, secrets: Secrets) -> SessionLayer {
+        let settings = Settings::new(secrets, backend.lifetime(), backend.max_session_bytes());
         SessionLayer {
             backend: Arc::new(backend),
-            settings: Arc::new(Settings {
-                secrets,
-                cookie_name: "connect.sid".into(),
-                path: "/".into(),
-                domain: None,
-                secure: CookieSecure::Always,
-                http_only: true,
-                same_site: Some(SameSite::Lax),
-                max_age: None,
-                lifetime: time::Duration::DAY,
-                rolling: false,
-                save_uninitialized: false,
-                touch_step: time::Duration::seconds(60),
-                max_session_bytes: crate::record::DEFAULT_MAX_SESSION_BYTES,
-            }),
+            settings: Arc::new(settings),
         }
     }
 
+    /// Changes the options of this layer (a clone keeps the ones it had).
     fn with(mut self, change: impl FnOnce(&mut Settings)) -> Self {
-        let settings =
-            Arc::get_mut(&mut self.settings).expect("options are set before the layer is cloned");
-        change(settings);
+        change(Arc::make_mut(&mut self.settings));
         self
     }
 
-    /// Cookie name. Default: `connect.sid` (express-session's).
-    pub fn with_cookie_name(self, name: impl Into<String>) -> Self {
+    /// Cookie name. Default: `connect.sid` (express-session's). Fails for
+    /// a name that is not an HTTP token.
+    pub fn with_cookie_name(self, name: impl Into<String>) -> Result<Self, CookieError> {
         let name = name.into();
-        self.with(|s| s.cookie_name = name)
+        cookie::check_name(&name)?;
+        Ok(self.with(|s| s.cookie_name = name))
     }
-    /// Cookie path. Default: `/`.
-    pub fn with_path(self, path: impl Into<String>) -> Self {
+    /// Cookie path. Default: `/`. Fails for a path with `;`, `<` or
+    /// control characters.
+    pub fn with_path(self, path: impl Into<String>) -> Result<Self, CookieError> {
         let path = path.into();
-        self.with(|s| s.path = path)
+        cookie::check_path(&path)?;
+        Ok(self.with(|s| s.path = path))
     }
-    /// Cookie domain. Default: none (the host only).
-    pub fn with_domain(self, domain: impl Into<String>) -> Self {
+    /// Cookie domain. Default: none (the host only). Fails for a domain
+    /// the `cookie` package would refuse.
+    pub fn with_domain(self, domain: impl Into<String>) -> Result<Self, CookieError> {
         let domain = domain.into();
-        self.with(|s| s.domain = Some(domain))
+        cookie::check_domain(&domain)?;
+        Ok(self.with(|s| s.domain = Some(domain)))
     }
     /// When the cookie is `Secure`. Default: [`CookieSecure::Always`].
     pub fn with_cookie_secure(self, secure: CookieSecure) -> Self {
@@ -141,7 +117,7 @@ impl SessionLayer {
         self.with(|s| s.max_age = max_age.map(to_time))
     }
     /// How long a session without a cookie expiry lives in the table.
-    /// Default: 1 day (connect-pg-simple's).
+    /// Default: the store's `lifetime` (1 day, connect-pg-simple's).
     pub fn with_lifetime(self, lifetime: Duration) -> Self {
         self.with(|s| s.lifetime = to_time(lifetime))
     }
@@ -160,14 +136,11 @@ impl SessionLayer {
     pub fn with_touch_step(self, step: Duration) -> Self {
         self.with(|s| s.touch_step = to_time(step))
     }
-    /// Largest session accepted, serialized. Default: 64 KiB.
+    /// Largest session accepted, serialized. Default: the store's
+    /// `max_session_bytes` (64 KiB).
     pub fn with_max_session_bytes(self, bytes: usize) -> Self {
         self.with(|s| s.max_session_bytes = bytes)
     }
-}
-
-fn to_time(duration: Duration) -> time::Duration {
-    time::Duration::try_from(duration).unwrap_or(time::Duration::MAX)
 }
 
 impl<S> Layer<S> for SessionLayer {

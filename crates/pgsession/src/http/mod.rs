@@ -14,9 +14,11 @@ mod error;
 mod extract;
 mod layer;
 mod session;
+mod settings;
 #[cfg(test)]
 mod tests;
 
 pub use error::SessionError;
-pub use layer::{CookieSecure, SessionLayer, SessionService};
+pub use layer::{SessionLayer, SessionService};
 pub use session::Session;
+pub use settings::CookieSecure;

@@ -11,9 +11,9 @@ use tokio::sync::Mutex;
 
 use super::backend::DynBackend;
 use super::error::SessionError;
-use super::layer::{CookieSecure, Settings};
-use crate::cookie::{SessionId, SetCookie, Unsigned};
-use crate::record::{CookieData, SessionRecord};
+use super::settings::{CookieSecure, Settings};
+use crate::cookie::{SessionId, Unsigned};
+use crate::record::SessionRecord;
 
 /// The session of the current request, from the extractor (axum) or the
 /// request's extensions (tower). Clones share the same session.
@@ -286,55 +286,4 @@ async fn save(
     let expire = record.expire_for_row(now, settings.lifetime);
     backend.save(id.as_str(), &json, expire).await?;
     Ok(())
-}
-
-impl Settings {
-    /// A new session's cookie data, from the layer's options.
-    fn new_record(&self, now: OffsetDateTime) -> SessionRecord {
-        let mut cookie = CookieData {
-            path: Some(self.path.clone()),
-            domain: self.domain.clone(),
-            http_only: Some(self.http_only),
-            secure: Some(self.secure == CookieSecure::Always),
-            same_site: self.same_site.map(crate::record::SameSiteValue::Mode),
-            ..CookieData::default()
-        };
-        cookie.set_max_age(now, self.max_age);
-        SessionRecord::new(cookie)
-    }
-
-    fn session_cookie(&self, cookie: &CookieData, id: &SessionId) -> Option<HeaderValue> {
-        header_value(cookie.to_set_cookie(&self.cookie_name, id, &self.secrets))
-    }
-
-    fn removal_cookie(&self, secure: bool) -> Option<HeaderValue> {
-        let mut removal = SetCookie::removal(self.cookie_name.clone())
-            .path(self.path.clone())
-            .http_only(self.http_only)
-            .secure(secure);
-        if let Some(domain) = &self.domain {
-            removal = removal.domain(domain.clone());
-        }
-        if let Some(same_site) = self.same_site {
-            removal = removal.same_site(same_site);
-        }
-        header_value(removal)
-    }
-}
-
-fn header_value(cookie: SetCookie) -> Option<HeaderValue> {
-    // The layer's options are checked when it is built; a value refused
-    // here came from a stored cookie another program wrote, and is logged
-    // and answered without a cookie rather than with a panic.
-    match cookie.to_header_value().map(|v| HeaderValue::from_str(&v)) {
-        Ok(Ok(value)) => Some(value),
-        Ok(Err(e)) => {
-            tracing::warn!(target: "session_store", error = %e, "session cookie is not a valid header");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(target: "session_store", error = %e, "session cookie refused");
-            None
-        }
-    }
 }

@@ -457,3 +457,74 @@ async fn secure_auto_follows_the_request() {
         .unwrap()
         .contains("Secure"));
 }
+
+/// A backend configured with its own lifetime and size limit.
+#[derive(Clone, Default)]
+struct Configured(MemoryStore);
+
+impl SessionBackend for Configured {
+    async fn load(&self, sid: &str) -> Result<Option<StoredSession>, Error> {
+        self.0.load(sid).await
+    }
+    async fn save(&self, sid: &str, json: &str, expire: OffsetDateTime) -> Result<(), Error> {
+        self.0.save(sid, json, expire).await
+    }
+    async fn touch(&self, sid: &str, expire: OffsetDateTime) -> Result<bool, Error> {
+        self.0.touch(sid, expire).await
+    }
+    async fn destroy(&self, sid: &str) -> Result<(), Error> {
+        self.0.destroy(sid).await
+    }
+    fn lifetime(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(7200))
+    }
+    fn max_session_bytes(&self) -> Option<usize> {
+        Some(100_001 + 1024)
+    }
+}
+
+#[tokio::test]
+async fn the_layer_takes_the_backends_lifetime_and_size_limit() {
+    let backend = Configured::default();
+    let layer = SessionLayer::new(backend.clone(), secrets());
+    let response = call(&layer, Action::Increment, None).await;
+    let cookie = cookie_pair(&set_cookie(&response).unwrap());
+    let crate::cookie::CookieLookup::Found(value) =
+        crate::cookie::parse_cookie_header([cookie.as_bytes()], "connect.sid")
+    else {
+        panic!("no session cookie in {cookie}");
+    };
+    let sid = crate::cookie::unsign(value, &secrets()).expect("a signed cookie");
+    let stored = backend.0.load(sid.sid.as_str()).await.unwrap().unwrap();
+    let lives = stored.expire - OffsetDateTime::now_utc();
+    assert!(
+        lives > time::Duration::minutes(119) && lives < time::Duration::minutes(121),
+        "the row lives {lives}, not the backend's 2 h"
+    );
+    // A 100 kB value is over the default 64 KiB but within the backend's limit.
+    let response = call(&layer, Action::InsertHuge, Some(&cookie)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[test]
+fn cookie_options_are_checked_when_set() {
+    let layer = || SessionLayer::new(MemoryStore::new(), secrets());
+    assert!(layer().with_cookie_name("bad name").is_err());
+    assert!(layer().with_cookie_name("").is_err());
+    assert!(layer().with_path("/a;b").is_err());
+    assert!(layer().with_domain("-bad-.example").is_err());
+    assert!(layer().with_cookie_name("app.sid").is_ok());
+    assert!(layer().with_path("/app").is_ok());
+    assert!(layer().with_domain(".example.com").is_ok());
+}
+
+#[tokio::test]
+async fn options_set_after_a_clone_neither_panic_nor_reach_the_clone() {
+    let layer = SessionLayer::new(Counting::default(), secrets());
+    let clone = layer.clone();
+    let renamed = layer.with_cookie_name("other.sid").unwrap();
+    let response = call(&renamed, Action::Increment, None).await;
+    assert!(set_cookie(&response).unwrap().starts_with("other.sid="));
+    let response = call(&clone, Action::Increment, None).await;
+    assert!(set_cookie(&response).unwrap().starts_with("connect.sid="));
+}

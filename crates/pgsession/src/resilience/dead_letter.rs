@@ -47,8 +47,17 @@ pub enum Conflict {
 }
 
 impl Conflict {
+    /// Every kind's label.
+    pub const LABELS: [&'static str; 5] = [
+        Conflict::Changed.as_str(),
+        Conflict::Destroyed.as_str(),
+        Conflict::IdTaken.as_str(),
+        Conflict::Duplicate.as_str(),
+        Conflict::Failed.as_str(),
+    ];
+
     /// The label of `pgsession_writeback_conflicts_total{kind}`.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Conflict::Changed => "changed",
             Conflict::Destroyed => "destroyed",

@@ -513,7 +513,7 @@ impl Journal {
                 .unwrap_or_else(|e| Err(io::Error::other(e)));
             self.fsyncs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            metrics::counter!("pgsession_journal_fsyncs_total").increment(1);
+            metrics::counter!(crate::metrics::JOURNAL_FSYNCS).increment(1);
             if let Err(e) = &result {
                 // After a failed fsync the kernel may have dropped the
                 // pages: nothing more is acknowledged from this file.

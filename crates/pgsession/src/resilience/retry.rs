@@ -76,7 +76,7 @@ where
             error.is_transient() && !matches!(error, Error::Unavailable | Error::AcquireTimeout(_))
         })
         .notify(|error: &Error, delay: Duration| {
-            metrics::counter!("pgsession_retries_total", "op" => op).increment(1);
+            metrics::counter!(crate::metrics::RETRIES, "op" => op).increment(1);
             tracing::debug!(
                 target: "session_store",
                 op,

@@ -5,9 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use time::OffsetDateTime;
-
-use super::Store;
+use super::{Startup, Store};
 use crate::health::CheckResult;
 use crate::resilience::breaker::BreakerState;
 use crate::resilience::retry;
@@ -62,7 +60,23 @@ impl Store {
                 () = tokio::time::sleep(delay) => {}
             }
             attempt += 1;
-            match self.ensure_schema().await {
+            let result = self.ensure_schema().await;
+            // Waiters (`Store::wait_ready`) learn the outcome of the start-up
+            // sequence: ready, or its retries spent (or an error that
+            // waiting does not mend); later attempts go on regardless.
+            let settled = match &result {
+                Ok(()) => Some(Startup::Ready),
+                Err(e) if attempt >= total || !e.is_transient() => Some(Startup::Degraded),
+                Err(_) => None,
+            };
+            if let Some(state) = settled {
+                self.inner.startup.send_if_modified(|now| {
+                    let changed = *now != state;
+                    *now = state;
+                    changed
+                });
+            }
+            match result {
                 Ok(()) => {
                     // A first health check at once, so `/health` has one.
                     self.run_check().await;
@@ -139,7 +153,8 @@ impl Store {
                 if !self.inner.pool.resize(from, to) {
                     continue; // a refusal lowered it meanwhile
                 }
-                metrics::counter!("pgsession_pool_resizes_total", "direction" => resize.direction()).increment(1);
+                metrics::counter!(crate::metrics::POOL_RESIZES, "direction" => resize.direction())
+                    .increment(1);
                 let message = match resize {
                     Resize::Grow { from, to } => {
                         format!("pool grown from {from} to {to}: callers kept waiting")
@@ -200,7 +215,12 @@ impl Store {
     /// empty, so no write slips in between).
     async fn probe_and_write_back(&self) {
         let breaker = &self.inner.breaker;
+        let contact = self.inner.events.contact(
+            crate::health::CheckSource::Probe,
+            self.inner.config.slow_check_threshold(),
+        );
         let probe = self.ping(self.inner.config.connect_budget()).await;
+        contact.finish(probe.as_ref().err());
         let written = match probe {
             Ok(()) => self.write_back().await,
             Err(e) => Err(e),
@@ -257,16 +277,17 @@ impl Store {
         let config = &self.inner.config;
         let started = Instant::now();
         let progress = crate::pool::Progress::default();
+        let contact = self.inner.events.contact(
+            crate::health::CheckSource::Check,
+            config.slow_check_threshold(),
+        );
         let result = self.ping_tracked(config.connect_budget(), &progress).await;
         let elapsed = started.elapsed();
-        metrics::gauge!("pgsession_health_check_seconds").set(elapsed.as_secs_f64());
-        metrics::histogram!("pgsession_query_seconds", "op" => "health").record(elapsed);
+        metrics::gauge!(crate::metrics::HEALTH_CHECK_SECONDS).set(elapsed.as_secs_f64());
+        metrics::histogram!(crate::metrics::QUERY_SECONDS, "op" => "health").record(elapsed);
         let slow = elapsed > config.slow_check_threshold();
-        let check = CheckResult {
-            at: OffsetDateTime::now_utc(),
-            latency_ms: elapsed.as_secs_f64() * 1000.0,
-            ok: result.is_ok() && !slow,
-        };
+        // The evidence (`ok` unless it failed or was slow), for `/health`.
+        let check: CheckResult = contact.finish(result.as_ref().err());
         if result.is_ok() {
             self.inner.config_problem.clear();
         }
@@ -299,7 +320,6 @@ impl Store {
                 self.refresh_server_free().await;
             }
         }
-        self.inner.events.set_check(check);
         check
     }
 

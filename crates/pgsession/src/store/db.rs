@@ -40,10 +40,17 @@ impl Store {
         // How far the attempt under way got: it decides whether its failure
         // (or the deadline, which may drop it midway) counts.
         let progress = Progress::default();
+        // Health evidence: every answer, and every failure that shows the
+        // database away (see `health::Contact`).
+        let contact = self
+            .inner
+            .events
+            .operation(op, self.inner.config.slow_check_threshold());
         let on_error = |error: &Error| {
             if error.sql_state() == Some("26000") {
                 self.inner.pool.mark_pooled();
             }
+            contact.failed(error);
             self.count_failure(error, progress.take());
         };
         let result = retry::retry_within(op, deadline, &on_error, || async {
@@ -56,6 +63,7 @@ impl Store {
         .await;
         match &result {
             Ok(_) => {
+                contact.ok();
                 breaker.record_success();
                 self.inner.config_problem.clear();
             }
@@ -154,7 +162,7 @@ impl Store {
             return false;
         }
         *dead += 1;
-        metrics::counter!("pgsession_retries_total", "op" => op).increment(1);
+        metrics::counter!(crate::metrics::RETRIES, "op" => op).increment(1);
         tracing::debug!(
             target: "session_store",
             op,

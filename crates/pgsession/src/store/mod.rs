@@ -7,6 +7,8 @@
 //!   recovery that probes the database while the breaker is open.
 //! - [`writeback`]: the journal written back, each write conditional on
 //!   the row it was based on; conflicts set aside as dead letters.
+//! - [`insert`]: a new session only if its id is free (tower-sessions'
+//!   `create`).
 //! - [`prune`]: deleting expired rows.
 //!
 //! The rule of every write: its `Ok` means committed in PostgreSQL, or
@@ -18,6 +20,7 @@
 mod background;
 mod batch;
 mod db;
+mod insert;
 mod prune;
 mod writeback;
 
@@ -93,6 +96,8 @@ struct Inner {
     sql: Statements,
     /// Set once the table is known to exist. Failures are never stored.
     schema_ready: OnceCell<()>,
+    /// The start-up sequence's outcome, for [`Store::wait_ready`].
+    startup: tokio::sync::watch::Sender<Startup>,
     breaker: Breaker,
     fallback: Fallback,
     /// Concurrent loads and saves, combined into one statement each.
@@ -116,6 +121,18 @@ struct Inner {
     /// succeeds again (for `/health`, and to log it once).
     config_problem: crate::health::ConfigProblem,
     tasks: tokio_util::task::TaskTracker,
+}
+
+/// Where the start-up sequence is, for [`Store::wait_ready`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Startup {
+    /// Attempts and start-up retries under way.
+    Starting,
+    /// The table exists.
+    Ready,
+    /// The start-up retries are spent, or met an error waiting does not
+    /// mend; attempts go on in the background.
+    Degraded,
 }
 
 /// How an operation ended, for the metrics.
@@ -165,6 +182,7 @@ impl Store {
                 pool,
                 sql,
                 schema_ready: OnceCell::new(),
+                startup: tokio::sync::watch::Sender::new(Startup::Starting),
                 breaker,
                 fallback,
                 loads: batch::Batcher::new(batch_limit),
@@ -180,13 +198,16 @@ impl Store {
                 tasks: tokio_util::task::TaskTracker::new(),
             }),
         };
-        metrics::gauge!("pgsession_breaker_state").set(BreakerState::Closed.gauge());
+        metrics::gauge!(crate::metrics::BREAKER_STATE).set(BreakerState::Closed.gauge());
         store.count_dead_letters();
         store.take_adopted(adopted, found);
         store.spawn(Self::initialize_in_background);
         store.spawn(Self::upkeep);
         store.spawn(Self::recover);
         store.spawn(Self::check_health);
+        if store.inner.config.prune() {
+            store.spawn_pruner();
+        }
         Ok(store)
     }
 
@@ -206,15 +227,39 @@ impl Store {
         self.ensure_schema().await
     }
 
-    /// Waits for the start-up sequence (with its retries) to make the store
-    /// ready, at most `timeout`; then makes one last attempt and returns its
-    /// error if the store is still not ready.
-    pub async fn wait_ready(&self, timeout: std::time::Duration) -> Result<(), Error> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.is_ready() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    /// Waits for the start-up sequence to end: the first attempt and the
+    /// start-up retries, with their backoff and jitter (1 s, 2 s, 4 s by
+    /// default), or an error that waiting does not mend (a configuration
+    /// error). Ready: `Ok`. Else one last attempt is made and its error
+    /// returned, while the store keeps trying in the background. The one
+    /// readiness path of the library and of `pgsession`'s commands.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Nothing listens on port 9: the start-up retries are spent, then the
+    /// // error of a last attempt says why.
+    /// let config = pgsession::Config::builder()
+    ///     .url("postgres://127.0.0.1:9/app")
+    ///     .startup_retries(1)
+    ///     .startup_backoff(std::time::Duration::from_millis(10))
+    ///     .fallback(false)
+    ///     .build()?;
+    /// let store = pgsession::Store::new(config)?;
+    /// let error = store.wait_ready().await.unwrap_err();
+    /// assert!(error.is_outage(), "{error}");
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_ready(&self) -> Result<(), Error> {
+        let mut startup = self.inner.startup.subscribe();
+        let settled = tokio::select! {
+            () = self.inner.shutdown.cancelled() => return Err(Error::Closed),
+            settled = startup.wait_for(|s| *s != Startup::Starting) => settled.map(|s| *s),
+        };
+        match settled {
+            Ok(Startup::Ready) => Ok(()),
+            _ => self.ready().await,
         }
-        self.ready().await
     }
 
     /// The pool's figures now.
@@ -277,18 +322,24 @@ impl Store {
         self.inner.events.recent()
     }
 
+    /// The incident timeline: the events folded (an outage, the breaker's
+    /// probes, a write-back with its progress, conflicts), oldest first.
+    pub fn timeline(&self) -> Vec<crate::health::TimelineEntry> {
+        self.inner.events.timeline()
+    }
+
     /// Sets the pool and journal gauges to their values now (call before
     /// rendering metrics).
     pub fn publish_metrics(&self) {
         let pool = self.pool_status();
-        metrics::gauge!("pgsession_pool_size").set(pool.size as f64);
-        metrics::gauge!("pgsession_pool_idle").set(pool.idle as f64);
-        metrics::gauge!("pgsession_pool_in_use").set(pool.in_use as f64);
-        metrics::gauge!("pgsession_pool_waiting").set(pool.waiting as f64);
-        metrics::gauge!("pgsession_pool_max").set(pool.max as f64);
-        metrics::gauge!("pgsession_journal_entries").set(self.journal_len() as f64);
-        metrics::gauge!("pgsession_journal_bytes").set(self.journal_bytes() as f64);
-        metrics::gauge!("pgsession_breaker_state").set(self.breaker_state().gauge());
+        metrics::gauge!(crate::metrics::POOL_SIZE).set(pool.size as f64);
+        metrics::gauge!(crate::metrics::POOL_IDLE).set(pool.idle as f64);
+        metrics::gauge!(crate::metrics::POOL_IN_USE).set(pool.in_use as f64);
+        metrics::gauge!(crate::metrics::POOL_WAITING).set(pool.waiting as f64);
+        metrics::gauge!(crate::metrics::POOL_MAX).set(pool.max as f64);
+        metrics::gauge!(crate::metrics::JOURNAL_ENTRIES).set(self.journal_len() as f64);
+        metrics::gauge!(crate::metrics::JOURNAL_BYTES).set(self.journal_bytes() as f64);
+        metrics::gauge!(crate::metrics::BREAKER_STATE).set(self.breaker_state().gauge());
     }
 
     /// Asks the server, through the pool, for its version and the settings
@@ -495,7 +546,7 @@ impl Store {
             },
         };
         if outcome == Outcome::Fallback {
-            metrics::gauge!("pgsession_journal_entries").set(fallback.journal_len() as f64);
+            metrics::gauge!(crate::metrics::JOURNAL_ENTRIES).set(fallback.journal_len() as f64);
         }
         record_op(op, started, &result, outcome);
         result
@@ -589,7 +640,7 @@ impl Store {
     /// Logs, counts and shows a move of the breaker.
     fn breaker_moved(&self, transition: Transition) {
         let Some((from, to)) = transition else { return };
-        metrics::gauge!("pgsession_breaker_state").set(to.gauge());
+        metrics::gauge!(crate::metrics::BREAKER_STATE).set(to.gauge());
         let message = format!("circuit breaker {} -> {}", from.as_str(), to.as_str());
         match to {
             BreakerState::Open => tracing::warn!(
@@ -604,7 +655,7 @@ impl Store {
                 tracing::info!(target: "session_store", "{message}: the database is back")
             }
         }
-        self.inner.events.push("breaker", message);
+        self.inner.events.breaker_moved(from, to, message);
     }
 }
 
@@ -661,15 +712,15 @@ fn record_op<T>(
     result: &Result<T, Error>,
     outcome: Outcome,
 ) {
-    metrics::histogram!("pgsession_query_seconds", "op" => op).record(started.elapsed());
+    metrics::histogram!(crate::metrics::QUERY_SECONDS, "op" => op).record(started.elapsed());
     let outcome = match outcome {
         Outcome::Ok => "ok",
         Outcome::Fallback => "fallback",
         Outcome::Error => "error",
     };
-    metrics::counter!("pgsession_operations_total", "op" => op, "outcome" => outcome).increment(1);
+    metrics::counter!(crate::metrics::OPERATIONS, "op" => op, "outcome" => outcome).increment(1);
     if let Err(e) = result {
-        metrics::counter!("pgsession_errors_total", "kind" => e.kind().as_str()).increment(1);
+        metrics::counter!(crate::metrics::ERRORS, "kind" => e.kind().as_str()).increment(1);
     }
 }
 

@@ -181,10 +181,10 @@ impl Store {
         format!("pgsession:prune:{}", self.inner.sql.lock_name)
     }
 
-    /// Starts the pruner: every prune interval, randomized between 50 and
-    /// 150 %, one prune. Errors are logged and the pruner goes on. It stops
-    /// with [`Store::close`].
-    pub fn spawn_pruner(&self) {
+    /// The pruner, started by [`Store::new`] unless `prune` is off: every
+    /// prune interval, randomized between 50 and 150 %, one prune. Errors
+    /// are logged and the pruner goes on. It stops with [`Store::close`].
+    pub(super) fn spawn_pruner(&self) {
         self.spawn(|store| async move {
             loop {
                 let mean = store.inner.config.prune_interval();

@@ -89,7 +89,7 @@ impl Store {
                     fallback.written_back(seq, &sid);
                 }
             }
-            metrics::gauge!("pgsession_journal_entries").set(fallback.journal_len() as f64);
+            metrics::gauge!(crate::metrics::JOURNAL_ENTRIES).set(fallback.journal_len() as f64);
             if (written + set_aside).is_multiple_of(PROGRESS_EVERY) {
                 self.sync_done().await;
                 self.progress(written + set_aside, total, started, false);
@@ -128,7 +128,13 @@ impl Store {
                  about {eta:.0} s to go"
             )
         };
-        self.inner.events.push("journal", message);
+        let pass = crate::health::WriteBackPass {
+            done: done as u64,
+            left: left as u64,
+            rate: Some(rate),
+            secs,
+        };
+        self.inner.events.write_back(pass, message);
     }
 
     /// One entry, conditional on what it was based on.
@@ -156,12 +162,7 @@ impl Store {
                     (json, Type::TEXT),
                     (&expire, Type::TIMESTAMP),
                 ];
-                if entry.base.absent
-                    && self
-                        .execute(&sql.insert, insert, deadline)
-                        .await?
-                        == 1
-                {
+                if entry.base.absent && self.execute(&sql.insert, insert, deadline).await? == 1 {
                     return Ok(Landing::Landed);
                 }
                 // Its own document counts too: after a crash, an entry
@@ -185,10 +186,7 @@ impl Store {
                 Ok(match (row, entry.base.absent) {
                     (None, true) => {
                         // Its id was taken and freed again meanwhile.
-                        match self
-                            .execute(&sql.insert, insert, deadline)
-                            .await?
-                        {
+                        match self.execute(&sql.insert, insert, deadline).await? {
                             1 => Landing::Landed,
                             _ => Landing::Conflict(Conflict::IdTaken, "another session"),
                         }
@@ -241,7 +239,7 @@ impl Store {
         reason: &str,
     ) -> Result<(), Error> {
         let inner = &self.inner;
-        metrics::counter!("pgsession_writeback_conflicts_total", "kind" => kind.as_str())
+        metrics::counter!(crate::metrics::WRITEBACK_CONFLICTS, "kind" => kind.as_str())
             .increment(1);
         inner
             .conflicts
@@ -271,7 +269,7 @@ impl Store {
                 reason: format!("dead letter: {e}"),
             }
         })?;
-        metrics::counter!("pgsession_dead_letters_total", "kind" => kind.as_str()).increment(1);
+        metrics::counter!(crate::metrics::DEAD_LETTERS, "kind" => kind.as_str()).increment(1);
         inner
             .dead_letters
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -407,7 +405,7 @@ impl Store {
         for (sid, entry) in inner.fallback.adopt(adopted) {
             let _ = self.set_aside(&sid, &entry, Conflict::Duplicate, "another journal's entry");
         }
-        metrics::gauge!("pgsession_journal_entries").set(self.journal_len() as f64);
+        metrics::gauge!(crate::metrics::JOURNAL_ENTRIES).set(self.journal_len() as f64);
     }
 
     /// While running: adopts the files of stores that died since.

@@ -331,7 +331,7 @@ async fn after_a_failover_new_connections_do_not_wait_on_the_silent_host() {
     pair.stop_primary().await.unwrap();
     pair.promote_standby().await.unwrap();
     // The first connection to the new primary (it waits out the silent host once).
-    store.wait_ready(Duration::from_secs(30)).await.unwrap();
+    store.wait_ready().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while store.server_info().await.is_err() {
         assert!(tokio::time::Instant::now() < deadline, "never reconnected");

@@ -32,3 +32,7 @@ mod failover;
 // Failures with the database up (terminated backends, a connection limit,
 // configuration errors): the breaker stays closed, nothing is journaled.
 mod not_away;
+// Every setting of `Config` reaches what it configures, one test each.
+mod config_reach;
+// The README's "Using the library" app: lifetime, pruning, restarts.
+mod readme_app;

@@ -219,3 +219,48 @@ async fn the_pool_grows_while_callers_wait_and_shrinks_when_idle() {
     );
     store.close().await;
 }
+
+/// A server that closes idle sessions (`idle_session_timeout`, as serverless
+/// databases do) is an expected event: requests after each close succeed,
+/// and no WARN is logged for it (deadpool's own recycle check would log
+/// one per closed connection).
+#[tokio::test]
+async fn connections_the_server_closed_while_idle_are_replaced_without_a_warning() {
+    let (capture, _guard) = crate::security::Capture::start();
+    let db = test_db().await;
+    let admin = db.client().await.expect("admin connection");
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" SET idle_session_timeout = '300ms'",
+            db.name()
+        ))
+        .await
+        .expect("set idle_session_timeout");
+    // No warm minimum: nothing reopens a connection behind the test's back.
+    let store = store_with(config(db.url()).min_idle(0)).await;
+    let opened_before = store.pool_status().opened_total;
+    for round in 0..4 {
+        store
+            .save("sid", &format!("{{\"round\":{round}}}"), in_secs(60))
+            .await
+            .expect("a save after the server closed the idle connection");
+        // Idle past the server's timeout: wait until it has closed them.
+        wait_for("the server to close the idle connections", async || {
+            backends(&db, "pgsession").await == 0
+        })
+        .await;
+    }
+    assert!(
+        store.pool_status().opened_total >= opened_before + 3,
+        "the server's closes were not seen: {:?}",
+        store.pool_status()
+    );
+    let warnings: Vec<String> = capture
+        .text()
+        .lines()
+        .filter(|l| l.contains(" WARN "))
+        .map(str::to_owned)
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+    store.close().await;
+}

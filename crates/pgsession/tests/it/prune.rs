@@ -129,23 +129,37 @@ async fn the_pruner_runs_on_its_schedule_and_stops_with_the_store() {
     let db = test_db().await;
     let store = store_with(config(db.url()).prune_interval(Duration::from_millis(200))).await;
     fill(&db, 20, 2).await;
-    store.spawn_pruner();
+    // No call: the store prunes by default.
+    let rows = "SELECT count(*) FROM session_store";
+    wait_for_count(&db, rows, 2, "the pruner to prune").await;
+    store.close().await;
+    // Closed: its pruner has ended (`close` waits for its tasks) and its
+    // connections go away, so nothing of it is left to delete rows. Wait
+    // until the server has seen the last of them go, rather than for a
+    // while.
+    let connections = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE datname = current_database() AND application_name = 'pgsession'";
+    wait_for_count(&db, connections, 0, "the closed store's connections to go").await;
+    // Expired rows written now stay: no connection of the store comes back.
+    fill(&db, 5, 0).await;
+    let left: i64 = scalar(&db, "SELECT count(*) FROM session_store").await;
+    assert_eq!(left, 7);
+    let open: i64 = scalar(&db, connections).await;
+    assert_eq!(open, 0, "the closed store connected again");
+}
+
+/// Polls `sql` (a count) until it is `want`; fails after 30 s.
+async fn wait_for_count(db: &pgsession_testkit::TestDb, sql: &str, want: i64, what: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let left: i64 = scalar(&db, "SELECT count(*) FROM session_store").await;
-        if left == 2 {
-            break;
+        let count: i64 = scalar(db, sql).await;
+        if count == want {
+            return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the pruner never pruned ({left} rows left)"
+            "timed out waiting for {what}: {count}, not {want}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    store.close().await;
-    // Closed: expired rows stay.
-    fill(&db, 5, 0).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let left: i64 = scalar(&db, "SELECT count(*) FROM session_store").await;
-    assert_eq!(left, 7);
 }

@@ -1,17 +1,26 @@
 //! What `/health` says: the library's own health report
-//! ([`pgsession::Store::health`]: status, readiness, breaker, pool, last
-//! health check, journal), plus what only the server knows (which store it
-//! runs on, requests in flight, its version and uptime), the settings the
-//! dashboard draws against (health-check interval, slow-check threshold,
-//! pool bounds, breaker), and the store's recent events. The in-memory store
-//! has no database to check: it reports itself `ok`, with an empty pool.
+//! ([`pgsession::Store::health`]: status, readiness, breaker, pool, the
+//! latest evidence about the database, journal), plus what only the server
+//! knows (which store it runs on, requests in flight, its version and
+//! uptime), the settings the dashboard draws against (health-check interval,
+//! slow-check threshold, pool bounds, breaker), the store's recent events
+//! and its incident timeline. The in-memory store has no database to check:
+//! it reports itself `ok`, with an empty pool.
 //!
 //! The contract's fields (`status`, `breaker`, `pool.{size,idle,in_use,
 //! waiting,max}`, `last_check.{at,latency_ms,ok}`, `journal.entries`,
 //! `config_error`) are always there; `last_check`'s are `null` before the
-//! first check, `config_error` is `null` unless the database reported a
-//! configuration error (then the setting to change and the error; the
-//! status is `degraded` meanwhile).
+//! first contact with the database, `config_error` is `null` unless the
+//! database reported a configuration error (then the setting to change and
+//! the error; the status is `degraded` meanwhile).
+//!
+//! `last_check` is the latest evidence, from every contact with the
+//! database: a health check, a probe of the open breaker, an operation
+//! (`source`); when it is not ok, `error` says why and `failing_since`
+//! since when. It is never a stale success: a success older than
+//! [`stale_after`] (twice the longest of the check interval and the
+//! breaker's longest cool-down, plus the connect budget) is reported
+//! `ok: false, stale: true`, and the status `degraded`.
 
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
@@ -23,8 +32,11 @@ use time::OffsetDateTime;
 
 use super::AppState;
 
-/// Events shown by `/health` (and so by the dashboard), newest last.
+/// Events shown by `/health`, newest last.
 const EVENTS_SHOWN: usize = 20;
+/// Timeline entries shown by `/health` (and so by the dashboard), newest
+/// last.
+const TIMELINE_SHOWN: usize = 40;
 
 /// When the server started (first call), for `uptime_s`.
 static STARTED: OnceLock<(Instant, OffsetDateTime)> = OnceLock::new();
@@ -49,7 +61,11 @@ pub(crate) fn health_json(state: &AppState) -> Value {
             let events = store.recent_events();
             let skip = events.len().saturating_sub(EVENTS_SHOWN);
             body["events"] = json!(events[skip..]);
+            let timeline = store.timeline();
+            let skip = timeline.len().saturating_sub(TIMELINE_SHOWN);
+            body["timeline"] = json!(timeline[skip..]);
             body["settings"] = settings(store.config());
+            never_stale(&mut body, stale_after(store.config()));
             body
         }
         None => memory_health(),
@@ -87,6 +103,41 @@ fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_default()
 }
 
+/// How old a successful contact may be before it says nothing of the
+/// database now: twice the longest wait between two contacts the store
+/// makes by itself (a health check, or a probe of the open breaker), plus
+/// the connect budget and the slow-check threshold.
+pub(crate) fn stale_after(config: &pgsession::Config) -> Duration {
+    2 * config
+        .health_check_interval()
+        .max(config.breaker_max_cool_down())
+        + config.connect_budget()
+        + config.slow_check_threshold()
+}
+
+/// Adds `last_check.stale` and `last_check.age_ms`; a success older than
+/// `stale_after` is reported `ok: false` (and the status `degraded`).
+fn never_stale(body: &mut Value, stale_after: Duration) {
+    let check = &mut body["last_check"];
+    let Some(at) = check["at"]
+        .as_str()
+        .and_then(|at| OffsetDateTime::parse(at, &Rfc3339).ok())
+    else {
+        return;
+    };
+    let age = (OffsetDateTime::now_utc() - at).max(time::Duration::ZERO);
+    check["age_ms"] = json!((age.as_seconds_f64() * 1000.0).round());
+    let stale = check["ok"] == true && age > stale_after;
+    check["stale"] = json!(stale);
+    if stale {
+        check["ok"] = json!(false);
+        check["error"] = json!("stale");
+        if body["status"] == "ok" {
+            body["status"] = json!("degraded");
+        }
+    }
+}
+
 /// The settings the dashboard annotates its charts with.
 fn settings(config: &pgsession::Config) -> Value {
     json!({
@@ -99,6 +150,8 @@ fn settings(config: &pgsession::Config) -> Value {
         "slow_check_threshold_ms": ms(config.slow_check_threshold()),
         "breaker_threshold": config.breaker_threshold(),
         "breaker_cool_down_ms": ms(config.breaker_cool_down()),
+        "breaker_max_cool_down_ms": ms(config.breaker_max_cool_down()),
+        "stale_after_ms": ms(stale_after(config)),
         "journal_max_bytes": config.journal_max_bytes(),
         "target": config.target(),
     })
@@ -110,13 +163,18 @@ fn memory_health() -> Value {
         "ready": true,
         "breaker": "closed",
         "pool": { "size": 0, "idle": 0, "in_use": 0, "waiting": 0, "max": 0 },
-        "last_check": { "at": rfc3339(OffsetDateTime::now_utc()), "latency_ms": 0.0, "ok": true },
+        "last_check": {
+            "at": rfc3339(OffsetDateTime::now_utc()), "latency_ms": 0.0, "ok": true,
+            "source": "memory", "error": null, "failing_since": null, "failures": 0,
+            "stale": false, "age_ms": 0.0
+        },
         "journal": {
             "entries": 0, "bytes": 0, "max_bytes": 0, "fallback": false, "dir": null,
             "broken": null, "conflicts": 0, "dead_letters": 0
         },
         "config_error": null,
         "events": [],
+        "timeline": [],
     })
 }
 
@@ -143,9 +201,28 @@ mod tests {
         assert_eq!(h["journal"]["entries"], 0);
         assert!(h["config_error"].is_null(), "{h}");
         assert!(h["events"].as_array().is_some_and(Vec::is_empty));
+        assert!(h["timeline"].as_array().is_some_and(Vec::is_empty));
         assert_eq!(h["server"]["version"], env!("CARGO_PKG_VERSION"));
         assert!(h["server"]["uptime_s"].as_f64().is_some());
         assert!(is_ready(&state));
+    }
+
+    #[test]
+    fn an_old_success_is_reported_stale_never_ok() {
+        let old = OffsetDateTime::now_utc() - time::Duration::seconds(100);
+        let mut body = json!({
+            "status": "ok",
+            "last_check": { "at": rfc3339(old), "latency_ms": 1.0, "ok": true },
+        });
+        never_stale(&mut body, Duration::from_secs(120));
+        assert_eq!(body["last_check"]["ok"], true, "{body}");
+        assert_eq!(body["last_check"]["stale"], false);
+        never_stale(&mut body, Duration::from_secs(60));
+        assert_eq!(body["last_check"]["ok"], false, "{body}");
+        assert_eq!(body["last_check"]["stale"], true);
+        assert_eq!(body["last_check"]["error"], "stale");
+        assert_eq!(body["status"], "degraded");
+        assert!(body["last_check"]["age_ms"].as_f64().unwrap() >= 100_000.0);
     }
 
     #[tokio::test]
@@ -173,7 +250,12 @@ mod tests {
         assert!(h["last_check"].get("at").is_some(), "{h}");
         assert!(h["pool"]["max"].as_u64().is_some_and(|m| m >= 1), "{h}");
         assert!(h["events"].is_array(), "{h}");
+        assert!(h["timeline"].is_array(), "{h}");
         assert!(h["config_error"].is_null(), "{h}");
+        if h["last_check"]["at"].is_string() {
+            assert!(h["last_check"]["source"].is_string(), "{h}");
+            assert_eq!(h["last_check"]["stale"], false, "{h}");
+        }
         assert_eq!(h["settings"]["health_check_interval_ms"], 7000.0);
         assert!(!h.to_string().contains("password"), "{h}");
     }

@@ -36,35 +36,6 @@ const ACQUIRE_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
 ];
 
-/// The operations of `pgsession_query_seconds{op}` and
-/// `pgsession_operations_total{op}`.
-pub(crate) const QUERY_OPS: &[&str] = &["load", "save", "touch", "destroy", "prune", "health"];
-/// The session operations counted by `pgsession_operations_total` (the
-/// health check is timed, not counted).
-const COUNTED_OPS: &[&str] = &["load", "save", "touch", "destroy", "prune"];
-/// How an operation ended.
-const OUTCOMES: &[&str] = &["ok", "error", "fallback"];
-/// The operations that retry (`pgsession_retries_total{op}`).
-const RETRIED_OPS: &[&str] = &["load", "save", "touch", "destroy", "health"];
-/// `pgsession_errors_total{kind}`: the labels of `pgsession::ErrorKind`.
-const ERROR_KINDS: &[&str] = &[
-    "config",
-    "acquire",
-    "connect",
-    "timeout",
-    "closed",
-    "database",
-    "store_closed",
-    "unavailable",
-    "too_large",
-    "journal",
-];
-/// `pgsession_writeback_conflicts_total{kind}` and
-/// `pgsession_dead_letters_total{kind}`: the labels of
-/// `pgsession::dead_letter::Conflict`.
-const CONFLICT_KINDS: &[&str] = &["changed", "destroyed", "id_taken", "duplicate", "failed"];
-/// `pgsession_pool_resizes_total{direction}`.
-const RESIZE_DIRECTIONS: &[&str] = &["up", "down"];
 /// `pgsession_http_requests_total{class}`: session requests by status class.
 pub(crate) const HTTP_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
 
@@ -101,99 +72,12 @@ pub(crate) fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// `# HELP` lines for every series.
+/// `# HELP` lines for every series: the library's from its own list
+/// (`pgsession::metrics`), then the server's.
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!(
-        "pgsession_pool_size",
-        Unit::Count,
-        "Connections open in the session pool"
-    );
-    describe_gauge!(
-        "pgsession_pool_idle",
-        Unit::Count,
-        "Open session-pool connections not in use"
-    );
-    describe_gauge!(
-        "pgsession_pool_in_use",
-        Unit::Count,
-        "Session-pool connections handed out"
-    );
-    describe_gauge!(
-        "pgsession_pool_waiting",
-        Unit::Count,
-        "Callers waiting for a session-pool connection"
-    );
-    describe_gauge!(
-        "pgsession_pool_max",
-        Unit::Count,
-        "Current maximum size of the session pool (it resizes itself under load)"
-    );
-    describe_histogram!(
-        "pgsession_pool_acquire_seconds",
-        Unit::Seconds,
-        "Time to get a connection from the session pool, a new connection included"
-    );
-    describe_histogram!(
-        "pgsession_query_seconds",
-        Unit::Seconds,
-        "Duration of a store operation, retries included, by operation"
-    );
-    describe_counter!(
-        "pgsession_operations_total",
-        Unit::Count,
-        "Store operations by operation and outcome (ok, error, fallback: served by the cache or journal)"
-    );
-    describe_counter!(
-        "pgsession_retries_total",
-        Unit::Count,
-        "Attempts retried after a transient error, by operation"
-    );
-    describe_counter!(
-        "pgsession_errors_total",
-        Unit::Count,
-        "Failed store operations by error kind"
-    );
-    describe_gauge!(
-        "pgsession_breaker_state",
-        "Circuit breaker: 0 closed, 1 half-open, 2 open"
-    );
-    describe_gauge!(
-        "pgsession_journal_entries",
-        Unit::Count,
-        "Sessions whose writes wait in the journal for the database"
-    );
-    describe_gauge!(
-        "pgsession_journal_bytes",
-        Unit::Bytes,
-        "Bytes the journal's waiting writes take on disk (limit: journal_max_bytes)"
-    );
-    describe_counter!(
-        "pgsession_journal_fsyncs_total",
-        Unit::Count,
-        "fsync calls of the journal (one serves every write waiting: group commit)"
-    );
-    describe_counter!(
-        "pgsession_writeback_conflicts_total",
-        Unit::Count,
-        "Journaled writes that found the row changed, destroyed or taken at write-back, by kind"
-    );
-    describe_counter!(
-        "pgsession_dead_letters_total",
-        Unit::Count,
-        "Journaled writes kept aside in dead-letters.jsonl (pgsession journal list), by kind"
-    );
-    describe_gauge!(
-        "pgsession_health_check_seconds",
-        Unit::Seconds,
-        "Duration of the last health check"
-    );
-    describe_counter!(
-        "pgsession_pool_resizes_total",
-        Unit::Count,
-        "Resizes of the self-sizing pool, by direction (up, down)"
-    );
-    describe_counter!(
+    use metrics::describe_gauge;
+    pgsession::metrics::describe();
+    metrics::describe_counter!(
         "pgsession_http_requests_total",
         Unit::Count,
         "Session requests served by `pgsession serve`, by status class"
@@ -208,49 +92,27 @@ fn describe() {
         Unit::Count,
         "HTTP requests being served now"
     );
+    describe_gauge!(
+        "pgsession_database_ok",
+        "1 when the latest contact with the database (a health check, a breaker probe or an operation) succeeded, else 0"
+    );
+    describe_gauge!(
+        "pgsession_database_failing_seconds",
+        Unit::Seconds,
+        "How long every contact with the database has been failing (0 while the latest succeeded)"
+    );
 }
 
 /// Registers every series the library and the server may emit, without
 /// changing a value already recorded (`increment(0)`), so that each name
 /// and label combination is in `/metrics` from the start.
 fn register_at_zero() {
+    pgsession::metrics::register_at_zero();
     for name in [
-        "pgsession_pool_size",
-        "pgsession_pool_idle",
-        "pgsession_pool_in_use",
-        "pgsession_pool_waiting",
-        "pgsession_pool_max",
-        "pgsession_breaker_state",
-        "pgsession_journal_entries",
-        "pgsession_journal_bytes",
-        "pgsession_health_check_seconds",
+        "pgsession_database_ok",
+        "pgsession_database_failing_seconds",
     ] {
         metrics::gauge!(name).increment(0.0);
-    }
-    // Registering a histogram makes the exporter render it, buckets at 0.
-    let _ = metrics::histogram!("pgsession_pool_acquire_seconds");
-    for &op in QUERY_OPS {
-        let _ = metrics::histogram!("pgsession_query_seconds", "op" => op);
-    }
-    for &op in COUNTED_OPS {
-        for &outcome in OUTCOMES {
-            metrics::counter!("pgsession_operations_total", "op" => op, "outcome" => outcome)
-                .increment(0);
-        }
-    }
-    for &op in RETRIED_OPS {
-        metrics::counter!("pgsession_retries_total", "op" => op).increment(0);
-    }
-    for &kind in ERROR_KINDS {
-        metrics::counter!("pgsession_errors_total", "kind" => kind).increment(0);
-    }
-    metrics::counter!("pgsession_journal_fsyncs_total").increment(0);
-    for &kind in CONFLICT_KINDS {
-        metrics::counter!("pgsession_writeback_conflicts_total", "kind" => kind).increment(0);
-        metrics::counter!("pgsession_dead_letters_total", "kind" => kind).increment(0);
-    }
-    for &direction in RESIZE_DIRECTIONS {
-        metrics::counter!("pgsession_pool_resizes_total", "direction" => direction).increment(0);
     }
     for &class in HTTP_CLASSES {
         metrics::counter!("pgsession_http_requests_total", "class" => class).increment(0);
@@ -293,12 +155,33 @@ pub(crate) fn render_metrics(state: &AppState) -> String {
     metrics::gauge!("pgsession_ready").set(f64::from(u8::from(health::is_ready(state))));
     metrics::gauge!("pgsession_http_requests_in_flight")
         .set(state.in_flight.load(Ordering::Relaxed) as f64);
+    let (ok, failing) = database_evidence(state);
+    metrics::gauge!("pgsession_database_ok").set(ok);
+    metrics::gauge!("pgsession_database_failing_seconds").set(failing);
     let mut text = String::from("# pgsession metrics\n");
     match handle {
         Some(handle) => text.push_str(&handle.render()),
         None => text.push_str("# (no metrics recorder: another one was installed first)\n"),
     }
     text
+}
+
+/// The latest evidence about the database as two gauges: whether it is ok
+/// (and not stale), and for how long it has been failing.
+fn database_evidence(state: &AppState) -> (f64, f64) {
+    let Some(store) = &state.store else {
+        return (1.0, 0.0);
+    };
+    let Some(check) = store.health().last_check else {
+        return (0.0, 0.0);
+    };
+    let now = time::OffsetDateTime::now_utc();
+    if check.ok {
+        let fresh = (now - check.at) <= health::stale_after(store.config());
+        return (f64::from(u8::from(fresh)), 0.0);
+    }
+    let since = check.failing_since.unwrap_or(check.at);
+    (0.0, (now - since).as_seconds_f64().max(0.0))
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@
 //! | `GET /readyz` | 200 when the store can serve, else 503 |
 //! | `GET /health` | 200, JSON: status, breaker, pool, last check, journal |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /dashboard` | a page that draws `/health` and `/metrics` live |
+//! | `GET /history` | JSON: the dashboard's samples of the last 16 minutes, one a second (`?since=MS`: only newer ones) |
+//! | `GET /dashboard` | a page that draws `/history` and `/health` live |
 //!
 //! Only the session routes sit behind the [`SessionLayer`]; the operational
 //! ones never touch a session. A session that cannot be read or written
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -31,7 +32,7 @@ use axum::{Json, Router};
 use pgsession::http::{Session, SessionError, SessionLayer};
 use serde_json::{json, Value};
 
-use super::{health, metrics, AppState};
+use super::{health, history, metrics, AppState};
 
 /// The largest request body accepted (a login is a few bytes).
 const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -52,6 +53,7 @@ pub(crate) fn router(state: AppState, layer: SessionLayer) -> Router {
         .route("/readyz", get(readyz))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/history", get(history_json))
         .route("/dashboard", get(dashboard))
         .with_state(state.clone());
     sessions
@@ -156,6 +158,18 @@ async fn metrics(State(state): State<AppState>) -> Response {
         metrics::render_metrics(&state),
     )
         .into_response()
+}
+
+/// The server's history of the dashboard's figures (see [`history`]),
+/// taken by its sampler: answering costs a copy of the ring.
+async fn history_json(RawQuery(query): RawQuery) -> Response {
+    let since = query.as_deref().and_then(|q| {
+        q.split('&')
+            .find_map(|pair| pair.strip_prefix("since="))
+            .and_then(|ms| ms.parse::<i64>().ok())
+    });
+    let body = history::history().json(since);
+    ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
 }
 
 /// The dashboard: one self-contained page (its script and styles inline),

@@ -212,12 +212,23 @@ async fn failover(scenario: &'static str, loss: Loss) {
         "no write reached the promoted standby\n{}",
         tail(&logs, 60)
     );
-    assert!(
-        report.failures().is_empty(),
-        "logged-in users were refused: {:?}\n{}",
-        report.failures(),
-        tail(&logs, 60)
-    );
+    let refused = report.failures();
+    match loss {
+        Loss::Stopped => assert!(
+            refused.is_empty(),
+            "logged-in users were refused: {refused:?}\n{}",
+            tail(&logs, 60)
+        ),
+        // A silent primary first shows as query timeouts, which with the
+        // breaker still closed mean "busy": 503 with Retry-After, nothing
+        // journaled (RELIABILITY.md, "Which errors journal"). Once the
+        // timeouts open the breaker, the fallback serves.
+        Loss::Silent => assert!(
+            refused.keys().all(|status| *status == 503),
+            "logged-in users got other than 503: {refused:?}\n{}",
+            tail(&logs, 60)
+        ),
+    }
     assert!(
         recovered_at.is_some(),
         "not settled within {RECOVERY_BOUND:?} of the promotion"

@@ -13,8 +13,6 @@
 //! Session ids are bearer secrets: nothing here prints more than the first
 //! few characters of one, nor any session data.
 
-use std::fs::File;
-use std::io::{self, BufRead as _};
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -295,80 +293,31 @@ fn plural(n: usize) -> &'static str {
 }
 
 /// One line per journal file of `dir` (`journal-*.log`, and `*.damaged`
-/// set aside): its live entries, and whether a running store holds it.
+/// set aside), as the library reads it: its live entries, and whether a
+/// running store holds it.
 fn journal_files(dir: &Path) -> Vec<String> {
-    let Ok(listing) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut paths: Vec<_> = listing
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("journal-"))
-        })
-        .collect();
-    paths.sort();
-    paths
-        .iter()
-        .map(|path| {
-            let name = path
+    use pgsession::dead_letter::JournalFileState as State;
+    pgsession::dead_letter::journal_files(dir)
+        .into_iter()
+        .map(|file| {
+            let name = file
+                .path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let damaged = path.extension().is_some_and(|e| e == "damaged");
-            let (entries, state) = match File::open(path) {
-                Ok(file) => {
-                    let entries = live_entries(&file);
-                    let state = if damaged {
-                        "damaged, set aside: read it by hand"
-                    } else if file.try_lock().is_err() {
-                        "held by a running store"
-                    } else {
-                        "left by a stopped store: the next store started on this directory \
-                         writes it back"
-                    };
-                    (entries, state)
+            let state = match file.state {
+                State::Damaged => "damaged, set aside: read it by hand",
+                State::Held => "held by a running store",
+                State::Left => {
+                    "left by a stopped store: the next store started on this directory \
+                     writes it back"
                 }
-                Err(_) => (None, "cannot be opened"),
+                State::Unreadable => "cannot be opened",
             };
-            let entries = entries.map_or("?".to_owned(), |n| n.to_string());
+            let entries = file.live_entries.map_or("?".to_owned(), |n| n.to_string());
             format!("{name}: {entries} live entries, {state}")
         })
         .collect()
-}
-
-/// Live entries of a journal file: per session, the last `put` not
-/// followed by its `done`. `None` when its header cannot be read.
-fn live_entries(file: &File) -> Option<usize> {
-    let mut lines = io::BufReader::new(file).lines();
-    let header: serde_json::Value = serde_json::from_str(&lines.next()?.ok()?).ok()?;
-    header.get("pgsession_journal")?;
-    let mut live: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-    for line in lines {
-        let Ok(line) = line else { break };
-        let Some((_crc, json)) = line.split_once(' ') else {
-            continue;
-        };
-        let Ok(record) = serde_json::from_str::<serde_json::Value>(json) else {
-            continue;
-        };
-        let Some(sid) = record.get("sid").and_then(|s| s.as_str()) else {
-            continue;
-        };
-        if let (Some(seq), Some(_)) = (
-            record.get("seq").and_then(|s| s.as_u64()),
-            record.get("put"),
-        ) {
-            live.insert(sid.to_owned(), seq);
-        } else if let Some(done) = record.get("done").and_then(|s| s.as_u64()) {
-            if live.get(sid) == Some(&done) {
-                live.remove(sid);
-            }
-        }
-    }
-    Some(live.len())
 }
 
 #[cfg(test)]

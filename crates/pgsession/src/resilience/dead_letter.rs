@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use time::OffsetDateTime;
 
 pub use super::journal::Pending as Write;
+pub use super::journal::{journal_files, JournalFile, JournalFileState};
 
 /// Why a journaled write was set aside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -686,16 +686,25 @@ fn unframe(line: &str) -> Option<Record> {
 /// table's file; the line and reason of a damaged one.
 #[allow(clippy::type_complexity)]
 fn read(file: &File, table: &str) -> Result<Option<Vec<(String, Entry)>>, (usize, String)> {
+    read_any(file, Some(table)).map(|found| found.map(|(_, entries)| entries))
+}
+
+/// [`read`] for the file's own table (`None`: any), with that table's name.
+#[allow(clippy::type_complexity)]
+fn read_any(
+    file: &File,
+    table: Option<&str>,
+) -> Result<Option<(String, Vec<(String, Entry)>)>, (usize, String)> {
     let mut lines = io::BufReader::new(file).lines();
     let header: Header = match lines.next() {
         Some(Ok(line)) => serde_json::from_str(&line).map_err(|e| (1, e.to_string()))?,
         Some(Err(e)) => return Err((1, e.to_string())),
-        None => return Ok(Some(Vec::new())), // created, never written
+        None => return Ok(Some((String::new(), Vec::new()))), // created, never written
     };
     if header.pgsession_journal != VERSION {
         return Err((1, format!("journal version {}", header.pgsession_journal)));
     }
-    if header.table != table {
+    if table.is_some_and(|table| header.table != table) {
         return Ok(None);
     }
     let lines: Vec<io::Result<String>> = lines.collect();
@@ -726,12 +735,85 @@ fn read(file: &File, table: &str) -> Result<Option<Vec<(String, Entry)>>, (usize
         .map(|(sid, (_, order, entry))| (order, sid, entry))
         .collect();
     entries.sort_by_key(|(order, _, _)| *order);
-    Ok(Some(
+    Ok(Some((
+        header.table,
         entries
             .into_iter()
             .map(|(_, sid, entry)| (sid, entry))
             .collect(),
-    ))
+    )))
+}
+
+/// A journal file found in a journal directory (`pgsession journal list`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalFile {
+    /// Its path.
+    pub path: PathBuf,
+    /// `schema.table` it holds writes for, when its header could be read.
+    pub table: Option<String>,
+    /// Sessions with a write waiting in it, when it could be read.
+    pub live_entries: Option<usize>,
+    /// Who holds it.
+    pub state: JournalFileState,
+}
+
+/// Whether a journal file belongs to a running store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalFileState {
+    /// A running store holds its lock.
+    Held,
+    /// Its store stopped: the next store started on the directory adopts
+    /// it and writes it back.
+    Left,
+    /// Set aside as damaged (`*.damaged`): to be read by a person.
+    Damaged,
+    /// It could not be opened.
+    Unreadable,
+}
+
+/// Every journal file in `dir` (`journal-*`), read as the store reads
+/// them, in name order.
+pub fn journal_files(dir: &Path) -> Vec<JournalFile> {
+    let Ok(listing) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut paths: Vec<PathBuf> = listing
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("journal-"))
+        })
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let Ok(file) = File::open(&path) else {
+                return JournalFile {
+                    path,
+                    table: None,
+                    live_entries: None,
+                    state: JournalFileState::Unreadable,
+                };
+            };
+            let state = if path.extension().is_some_and(|e| e == "damaged") {
+                JournalFileState::Damaged
+            } else if file.try_lock().is_err() {
+                JournalFileState::Held
+            } else {
+                JournalFileState::Left
+            };
+            let read = read_any(&file, None).ok().flatten();
+            JournalFile {
+                path,
+                table: read.as_ref().map(|(table, _)| table.clone()),
+                live_entries: read.map(|(_, entries)| entries.len()),
+                state,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -89,6 +89,30 @@ const NOW_UTC: &str = "(now() AT TIME ZONE 'UTC')";
 /// way.
 const DOC_DIGEST: &str = "encode(sha256(convert_to(sess::text, 'UTF8')), 'hex')";
 
+/// Connections the server would still accept from this role in this
+/// database (see `Store::refresh_server_free`). `reserved_connections`
+/// exists from PostgreSQL 16 on; `LEAST` ignores the limits that are off.
+/// Another role's sessions show no `backend_type` to a role without
+/// `pg_read_all_stats`: any with a user is counted as a client, which can
+/// only make the ceiling lower.
+pub(crate) const SERVER_FREE: &str = "\
+    WITH me AS (SELECT oid, rolsuper, rolconnlimit FROM pg_roles WHERE rolname = session_user), \
+         db AS (SELECT oid, datconnlimit FROM pg_database WHERE datname = current_database()), \
+         clients AS (SELECT usesysid, datid FROM pg_stat_activity \
+                     WHERE backend_type = 'client backend' \
+                        OR (backend_type IS NULL AND usesysid IS NOT NULL)) \
+    SELECT LEAST( \
+        CASE WHEN me.rolconnlimit >= 0 AND NOT me.rolsuper THEN \
+            me.rolconnlimit - (SELECT count(*) FROM clients WHERE usesysid = me.oid) END, \
+        CASE WHEN db.datconnlimit >= 0 AND NOT me.rolsuper THEN \
+            db.datconnlimit - (SELECT count(*) FROM clients WHERE datid = db.oid) END, \
+        current_setting('max_connections')::int \
+            - CASE WHEN me.rolsuper THEN 0 ELSE \
+                current_setting('superuser_reserved_connections')::int \
+                + coalesce(current_setting('reserved_connections', true)::int, 0) END \
+            - (SELECT count(*) FROM clients) \
+    )::int FROM me, db";
+
 /// Every statement the store sends, built once from the table's name.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
@@ -125,6 +149,11 @@ pub(crate) struct Statements {
     pub(crate) create_schema: String,
     pub(crate) create_table: String,
     pub(crate) expire_index_exists: String,
+    /// Whether the table's schema exists (`$1`: its name).
+    pub(crate) schema_exists: String,
+    /// The transaction-scoped advisory lock that serialises table creation
+    /// across instances (`$1`: the key).
+    pub(crate) creation_lock: String,
     pub(crate) create_index: String,
 }
 
@@ -194,6 +223,8 @@ impl Statements {
                  AND query_start <= now() - make_interval(secs => $1)"
                 .into(),
             table_exists: "SELECT to_regclass($1) IS NOT NULL".into(),
+            schema_exists: "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)".into(),
+            creation_lock: "SELECT pg_advisory_xact_lock(hashtext($1))".into(),
             create_schema: format!("CREATE SCHEMA IF NOT EXISTS {}", schema.quoted()),
             create_table: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (\

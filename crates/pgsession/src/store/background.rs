@@ -14,30 +14,6 @@ use crate::sizing::{Resize, Sizer};
 /// How often the pool is tended (idle connections, warm minimum, size).
 const UPKEEP_TICK: Duration = Duration::from_millis(500);
 
-/// Connections the server would still accept from this role in this
-/// database (see [`Store::refresh_server_free`]). `reserved_connections`
-/// exists from PostgreSQL 16 on; `LEAST` ignores the limits that are off.
-/// Another role's sessions show no `backend_type` to a role without
-/// `pg_read_all_stats`: any with a user is counted as a client, which can
-/// only make the ceiling lower.
-const SERVER_FREE: &str = "\
-    WITH me AS (SELECT oid, rolsuper, rolconnlimit FROM pg_roles WHERE rolname = session_user), \
-         db AS (SELECT oid, datconnlimit FROM pg_database WHERE datname = current_database()), \
-         clients AS (SELECT usesysid, datid FROM pg_stat_activity \
-                     WHERE backend_type = 'client backend' \
-                        OR (backend_type IS NULL AND usesysid IS NOT NULL)) \
-    SELECT LEAST( \
-        CASE WHEN me.rolconnlimit >= 0 AND NOT me.rolsuper THEN \
-            me.rolconnlimit - (SELECT count(*) FROM clients WHERE usesysid = me.oid) END, \
-        CASE WHEN db.datconnlimit >= 0 AND NOT me.rolsuper THEN \
-            db.datconnlimit - (SELECT count(*) FROM clients WHERE datid = db.oid) END, \
-        current_setting('max_connections')::int \
-            - CASE WHEN me.rolsuper THEN 0 ELSE \
-                current_setting('superuser_reserved_connections')::int \
-                + coalesce(current_setting('reserved_connections', true)::int, 0) END \
-            - (SELECT count(*) FROM clients) \
-    )::int FROM me, db";
-
 /// How often the recovery looks at the breaker and the journal.
 const RECOVERY_TICK: Duration = Duration::from_millis(100);
 
@@ -330,7 +306,7 @@ impl Store {
     /// (this pool's included). A superuser is bound by `max_connections`
     /// alone, as the server binds it.
     pub(super) async fn refresh_server_free(&self) {
-        let sql = SERVER_FREE;
+        let sql = crate::schema::SERVER_FREE;
         let free = self
             .run_db(
                 "health",

@@ -597,15 +597,12 @@ async fn create_schema(conn: &Checkout, inner: &Inner) -> Result<(), Error> {
     // A transaction-scoped lock: released at commit or when the link drops,
     // and valid behind a transaction pooler too.
     client.batch_execute("BEGIN").await?;
-    conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[(&key, Type::TEXT)],
-    )
-    .await?;
+    conn.execute(&sql.creation_lock, &[(&key, Type::TEXT)])
+        .await?;
     if inner.config.schema().as_str() != "public" {
         let present: bool = conn
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                &sql.schema_exists,
                 &[(&inner.config.schema().as_str(), Type::TEXT)],
             )
             .await?

@@ -45,7 +45,7 @@ pub enum Error {
 
     /// The store was closed and no longer accepts operations.
     #[error("the session store is closed")]
-    Closed,
+    StoreClosed,
 
     /// The circuit breaker is open: the database is considered away and the
     /// operation was not attempted.
@@ -93,7 +93,7 @@ pub enum ErrorKind {
     ConnectionClosed,
     /// The server answered with an error (see [`Error::sql_state`]).
     Database,
-    /// [`Error::Closed`].
+    /// [`Error::StoreClosed`].
     StoreClosed,
     /// [`Error::Unavailable`].
     Unavailable,
@@ -147,7 +147,7 @@ impl Error {
             Error::Postgres(e) if e.as_db_error().is_some() => ErrorKind::Database,
             Error::Postgres(e) if e.is_closed() => ErrorKind::ConnectionClosed,
             Error::Postgres(_) => ErrorKind::Connect,
-            Error::Closed => ErrorKind::StoreClosed,
+            Error::StoreClosed => ErrorKind::StoreClosed,
             Error::Unavailable => ErrorKind::Unavailable,
             Error::Batched(e) => e.kind(),
             Error::TooLarge { .. } => ErrorKind::TooLarge,
@@ -235,7 +235,7 @@ impl Error {
     /// # use pgsession::Error;
     /// # use std::time::Duration;
     /// assert!(Error::AcquireTimeout(Duration::from_secs(1)).is_transient());
-    /// assert!(!Error::Closed.is_transient());
+    /// assert!(!Error::StoreClosed.is_transient());
     /// ```
     pub fn is_transient(&self) -> bool {
         match self {
@@ -252,7 +252,7 @@ impl Error {
                 None => tls_config_hint(e).is_none(),
             },
             Error::Config(_)
-            | Error::Closed
+            | Error::StoreClosed
             | Error::TooLarge { .. }
             | Error::JournalUnavailable { .. } => false,
         }
@@ -400,7 +400,7 @@ mod tests {
 
     #[test]
     fn kinds_have_stable_labels() {
-        assert_eq!(Error::Closed.kind().as_str(), "store_closed");
+        assert_eq!(Error::StoreClosed.kind().as_str(), "store_closed");
         assert_eq!(
             Error::QueryTimeout {
                 op: "load",

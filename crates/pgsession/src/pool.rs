@@ -348,7 +348,7 @@ impl SessionPool {
             PoolError::Timeout(TimeoutType::Wait) => Error::AcquireTimeout(self.acquire_timeout),
             PoolError::Timeout(_) => Error::ConnectTimeout(self.connect_timeout),
             PoolError::Closed | PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
-                Error::Closed
+                Error::StoreClosed
             }
         }
     }
@@ -607,13 +607,13 @@ impl Gate {
         }
         let acquired = match self.permits.try_acquire() {
             Ok(permit) => Ok(permit),
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::Closed),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::StoreClosed),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
                 let _waiting = Waiting(&self.waiting);
                 match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
                     Ok(Ok(permit)) => Ok(permit),
-                    Ok(Err(_)) => return Err(Error::Closed),
+                    Ok(Err(_)) => return Err(Error::StoreClosed),
                     Err(_) => Err(Error::AcquireTimeout(wait)),
                 }
             }

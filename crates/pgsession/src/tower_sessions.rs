@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn errors_keep_their_message() {
-        match backend(Error::Closed) {
+        match backend(Error::StoreClosed) {
             session_store::Error::Backend(message) => {
                 assert_eq!(message, "the session store is closed")
             }

@@ -146,7 +146,10 @@ mod tests {
                 "{text}"
             );
         }
-        assert_eq!(status(Error::Closed), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            status(Error::StoreClosed),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
         assert_eq!(
             status(Error::TooLarge { size: 2, limit: 1 }),
             StatusCode::PAYLOAD_TOO_LARGE

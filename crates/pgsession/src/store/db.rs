@@ -34,7 +34,7 @@ impl Store {
         Fut: std::future::Future<Output = (Checkout, Result<T, Error>)>,
     {
         if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(Error::Closed);
+            return Err(Error::StoreClosed);
         }
         let breaker = &self.inner.breaker;
         // How far the attempt under way got: it decides whether its failure

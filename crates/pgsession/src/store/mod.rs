@@ -253,7 +253,7 @@ impl Store {
     pub async fn wait_ready(&self) -> Result<(), Error> {
         let mut startup = self.inner.startup.subscribe();
         let settled = tokio::select! {
-            () = self.inner.shutdown.cancelled() => return Err(Error::Closed),
+            () = self.inner.shutdown.cancelled() => return Err(Error::StoreClosed),
             settled = startup.wait_for(|s| *s != Startup::Starting) => settled.map(|s| *s),
         };
         match settled {
@@ -618,7 +618,7 @@ impl Store {
 
     /// Stops background tasks, writes the journal back if the database
     /// answers, else spools it to disk, and closes the pool. Operations
-    /// after this fail with [`Error::Closed`].
+    /// after this fail with [`Error::StoreClosed`].
     pub async fn close(&self) {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();

@@ -62,7 +62,7 @@ impl Store {
             };
             let landing = match self.land(&sid, &entry, deadline).await {
                 Ok(landing) => landing,
-                Err(e) if e.is_transient() || matches!(e, Error::Closed) => {
+                Err(e) if e.is_transient() || matches!(e, Error::StoreClosed) => {
                     if e.is_unanswered() {
                         fallback.written_back_in_doubt(&sid, &entry.write);
                         self.mark_in_doubt();

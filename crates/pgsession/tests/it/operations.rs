@@ -170,5 +170,5 @@ async fn closed_store_refuses_operations() {
     let store = store(&db).await;
     store.close().await;
     let err = store.load("x").await.unwrap_err();
-    assert!(matches!(err, pgsession::Error::Closed), "{err}");
+    assert!(matches!(err, pgsession::Error::StoreClosed), "{err}");
 }

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use lru::LruCache;
 use time::OffsetDateTime;
 
-use super::journal::{digest, Base, Entry, Journal, JournalError, Pending, Ticket};
+use super::journal::{digest, unix_ms_now, Base, Entry, Journal, JournalError, Pending, Ticket};
 use crate::record::StoredSession;
 
 /// What the fallback knows of a session.
@@ -107,10 +107,6 @@ fn cost(sid: &str, session: &StoredSession) -> usize {
     sid.len() + session.json.len() + 64
 }
 
-fn unix_ms_now() -> i64 {
-    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
-
 impl Fallback {
     pub(crate) fn new(settings: FallbackSettings, journal: Option<Journal>) -> Fallback {
         Fallback {
@@ -149,20 +145,14 @@ impl Fallback {
 
     /// Keeps a copy of a session read from, or written to, the database.
     pub(crate) fn remember(&self, sid: &str, session: StoredSession) {
-        if self.settings.max_entries == 0 {
-            return;
+        if self.settings.max_entries > 0 {
+            self.lock().put(sid, session, self.settings);
         }
-        let mut inner = self.lock();
-        inner.put(sid, session, self.settings);
     }
 
     /// A save reached the database: its row is known, nothing is in doubt.
     pub(crate) fn saved(&self, sid: &str, session: StoredSession) {
-        let mut inner = self.lock();
-        inner.doubt.pop(sid);
-        if self.settings.max_entries > 0 {
-            inner.put(sid, session, self.settings);
-        }
+        self.lock().saved(sid, session, self.settings);
     }
 
     /// Drops the cached copy (the session was destroyed, or not found).
@@ -357,14 +347,11 @@ impl Fallback {
                 // Under the same lock: a direct write that follows cannot
                 // be overtaken by this older copy in the cache.
                 if let Pending::Save { json, expire } = landed {
-                    inner.doubt.pop(sid);
-                    if self.settings.max_entries > 0 {
-                        let session = StoredSession {
-                            json: json.clone(),
-                            expire: *expire,
-                        };
-                        inner.put(sid, session, self.settings);
-                    }
+                    let session = StoredSession {
+                        json: json.clone(),
+                        expire: *expire,
+                    };
+                    inner.saved(sid, session, self.settings);
                 }
                 return;
             }
@@ -442,7 +429,18 @@ impl Fallback {
 }
 
 impl Inner {
+    /// What a save that reached the database leaves: nothing in doubt, and
+    /// its copy in the cache.
+    fn saved(&mut self, sid: &str, session: StoredSession, settings: FallbackSettings) {
+        self.doubt.pop(sid);
+        self.put(sid, session, settings);
+    }
+
+    /// Caches `session` (nothing with the cache off).
     fn put(&mut self, sid: &str, session: StoredSession, settings: FallbackSettings) {
+        if settings.max_entries == 0 {
+            return;
+        }
         self.cache_bytes += cost(sid, &session);
         // A session already cached (the common case: every save of an
         // active one) is replaced in place, without a new key.
@@ -551,9 +549,7 @@ impl Inner {
         let write = self.journal[sid].entry.write.clone();
         match write {
             Pending::Save { json, expire } => {
-                if settings.max_entries > 0 {
-                    self.put(sid, StoredSession { json, expire }, settings);
-                }
+                self.put(sid, StoredSession { json, expire }, settings)
             }
             Pending::Touch { expire } => {
                 if let Some(cached) = self.cache.get_mut(sid) {

@@ -130,6 +130,12 @@ pub(crate) struct Entry {
     pub(crate) in_doubt_since: Option<i64>,
 }
 
+/// Now, in Unix milliseconds: the journal's moments "in doubt" are kept
+/// this way so that they survive a restart (the same machine's clock).
+pub(crate) fn unix_ms_now() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
 /// SHA-256 of a document, in hex, as the write-back's SQL computes it.
 pub(crate) fn digest(json: &str) -> String {
     use sha2::Digest as _;
@@ -546,21 +552,8 @@ impl Journal {
     pub(crate) fn adopt_orphans(&self) -> (Vec<(String, Entry)>, Vec<Found>) {
         let mut adopted = Vec::new();
         let mut found = Vec::new();
-        let Ok(listing) = fs::read_dir(&self.dir) else {
-            return (adopted, found);
-        };
-        let mut paths: Vec<PathBuf> = listing
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("journal-") && n.ends_with(".log"))
-                    && *p != self.path
-            })
-            .collect();
-        paths.sort();
-        for path in paths {
+        let paths = journal_paths(&self.dir, |name| name.ends_with(".log"));
+        for path in paths.into_iter().filter(|p| *p != self.path) {
             let Ok(file) = File::open(&path) else {
                 continue;
             };
@@ -642,6 +635,26 @@ impl Journal {
             let _ = sync_dir(&self.dir);
         }
     }
+}
+
+/// The `journal-*` files of `dir` whose name `accept` takes, in name order
+/// (the same process's files together, then by time); none without the
+/// directory.
+fn journal_paths(dir: &Path, accept: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+    let Ok(listing) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut paths: Vec<PathBuf> = listing
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("journal-") && accept(n))
+        })
+        .collect();
+    paths.sort();
+    paths
 }
 
 /// A new file with the header, 0600, created exclusively and locked.
@@ -774,20 +787,7 @@ pub enum JournalFileState {
 /// Every journal file in `dir` (`journal-*`), read as the store reads
 /// them, in name order.
 pub fn journal_files(dir: &Path) -> Vec<JournalFile> {
-    let Ok(listing) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut paths: Vec<PathBuf> = listing
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("journal-"))
-        })
-        .collect();
-    paths.sort();
-    paths
+    journal_paths(dir, |_| true)
         .into_iter()
         .map(|path| {
             let Ok(file) = File::open(&path) else {

@@ -88,7 +88,7 @@ impl Store {
         expire: OffsetDateTime,
         error: Error,
     ) -> (Result<bool, Error>, Outcome) {
-        let in_doubt = error.is_transient() || error.is_unanswered();
+        let in_doubt = error.is_transient();
         if in_doubt {
             self.mark_in_doubt();
         }

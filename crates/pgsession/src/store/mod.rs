@@ -525,7 +525,7 @@ impl Store {
                     // doubt unless the server's answer refused it for good.
                     // Accepting one's own document as a base is always
                     // safe: the row holds it only if this write landed.
-                    let in_doubt = e.is_transient() || e.is_unanswered();
+                    let in_doubt = e.is_transient();
                     if in_doubt {
                         self.mark_in_doubt();
                     }
@@ -566,7 +566,7 @@ impl Store {
 
     /// Notes that a write statement went unanswered now.
     fn mark_in_doubt(&self) {
-        let now = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let now = crate::resilience::journal::unix_ms_now();
         let mut since = self
             .inner
             .in_doubt_since

@@ -310,7 +310,7 @@ impl Store {
         let give_up = Instant::now() + deadline;
         let sql = &self.inner.sql.settle_in_doubt;
         loop {
-            let now_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+            let now_ms = crate::resilience::journal::unix_ms_now();
             // One second of margin towards "more": a statement sent just
             // before the moment, on a server whose clock runs a little
             // differently, is still caught.
@@ -393,15 +393,8 @@ impl Store {
         if adopted.is_empty() {
             return;
         }
-        // Entries carried from a process that died may have statements of
-        // that process in doubt: settle before writing them back.
-        if let Some(latest) = adopted.iter().filter_map(|(_, e)| e.in_doubt_since).max() {
-            let mut since = inner
-                .in_doubt_since
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            *since = Some(since.map_or(latest, |t| t.max(latest)));
-        }
+        // Their moments in doubt come with them: `settle_in_doubt` reads
+        // them from the journal's entries.
         for (sid, entry) in inner.fallback.adopt(adopted) {
             let _ = self.set_aside(&sid, &entry, Conflict::Duplicate, "another journal's entry");
         }

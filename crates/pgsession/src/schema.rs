@@ -113,6 +113,19 @@ pub(crate) const SERVER_FREE: &str = "\
             - (SELECT count(*) FROM clients) \
     )::int FROM me, db";
 
+/// The server's version and the settings of the connection (`Store::server_info`).
+pub(crate) const SERVER_INFO: &str = "SELECT version(), current_setting('TimeZone'), \
+     current_setting('statement_timeout'), pg_is_in_recovery(), pg_backend_pid()";
+
+/// The prune's session-scoped leader lock (`$1`: the key), held over all
+/// its batches on a direct connection.
+pub(crate) const PRUNE_TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext($1))";
+/// Releases [`PRUNE_TRY_LOCK`].
+pub(crate) const PRUNE_UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext($1))";
+/// The prune's lock behind a transaction pooler, where session locks do
+/// not hold: taken again by each batch's transaction.
+pub(crate) const PRUNE_TRY_XACT_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext($1))";
+
 /// Every statement the store sends, built once from the table's name.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {

@@ -148,7 +148,7 @@ pub(crate) struct Statements {
     pub(crate) clear: String,
     pub(crate) prune_batch: String,
     /// Write-back of a save: only if the row holds one of the documents
-    /// (SHA-256, hex) it was based on.
+    /// it was based on (SHA-256 in hex, or its first 16 hex digits).
     pub(crate) writeback_update: String,
     /// Write-back of a touch: never shortens an expiry set meanwhile, and
     /// never brings back a destroyed session.
@@ -216,7 +216,8 @@ impl Statements {
             ),
             writeback_update: format!(
                 "UPDATE {t} SET sess = $2::text::json, expire = $3 \
-                 WHERE sid = $1 AND {DOC_DIGEST} = ANY($4::text[])"
+                 WHERE sid = $1 AND ({DOC_DIGEST} = ANY($4::text[]) \
+                 OR left({DOC_DIGEST}, 16) = ANY($4::text[]))"
             ),
             writeback_touch: format!(
                 "UPDATE {t} SET expire = GREATEST(expire, $2) WHERE sid = $1"

@@ -45,6 +45,8 @@ pub(crate) struct Outcome {
     pub(crate) figures: Figures,
     pub(crate) old: usize,
     pub(crate) new: usize,
+    /// When the leader was killed (since the load's start).
+    pub(crate) kill_at: Duration,
     /// The new leader's table once it had replayed all it received from the old one, before its
     /// promotion: what survived the crash.
     pub(crate) survived: BTreeMap<String, i64>,
@@ -150,6 +152,7 @@ pub(crate) async fn crash_under_load(scenario: &'static str, crash: Crash) -> Ou
         figures,
         old,
         new,
+        kill_at,
         survived,
         first_write_at,
         recovered_at,

@@ -29,11 +29,11 @@ mod support;
 // The leader's PostgreSQL and Patroni killed under load, synchronous replication.
 mod leader_crash;
 // `patronictl switchover` under load.
-// mod switchover;
+mod switchover;
 // The killed leader started again: it returns as a replica, and nothing is written to it.
-// mod old_leader_returns;
+mod old_leader_returns;
 // The leader killed under load with asynchronous replication: PostgreSQL's own window.
-// mod async_crash;
+mod async_crash;
 // Three servers behind PgBouncer, re-pointed at the new leader, through a leader crash.
 // mod production;
 

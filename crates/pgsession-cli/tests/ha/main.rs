@@ -35,7 +35,7 @@ mod old_leader_returns;
 // The leader killed under load with asynchronous replication: PostgreSQL's own window.
 mod async_crash;
 // Three servers behind PgBouncer, re-pointed at the new leader, through a leader crash.
-// mod production;
+mod production;
 
 /// Users of every scenario, as in the fault suite.
 pub(crate) const USERS: usize = 8;

@@ -38,7 +38,7 @@ use crate::{
     cluster::{free_port, template, HOST},
     db::connect,
     server::{run, Binaries},
-    PgBouncer, Result, TestkitError,
+    FaultProxy, PgBouncer, Result, TestkitError,
 };
 
 /// The database [`PatroniCluster::start`] creates.
@@ -71,6 +71,10 @@ pub struct PatroniOptions {
     pub synchronous_mode: bool,
     /// Extra PostgreSQL parameters, e.g. `("max_connections", "200")`.
     pub parameters: Vec<(String, String)>,
+    /// The other nodes reach each node (replication, `pg_rewind`) through a [`FaultProxy`] of
+    /// its own ([`PatroniCluster::replication_proxy`]), so that a test can delay or cut
+    /// replication from a leader; clients still reach the nodes directly.
+    pub replication_proxies: bool,
 }
 
 impl Default for PatroniOptions {
@@ -79,6 +83,7 @@ impl Default for PatroniOptions {
             nodes: 2,
             synchronous_mode: true,
             parameters: Vec::new(),
+            replication_proxies: false,
         }
     }
 }
@@ -183,6 +188,8 @@ pub struct PatroniCluster {
     etcd: Mutex<Option<Child>>,
     etcd_port: u16,
     nodes: Vec<PatroniNode>,
+    /// Per node, when asked for: the way the other nodes reach it.
+    proxies: Vec<FaultProxy>,
     synchronous_mode: bool,
 }
 
@@ -230,7 +237,14 @@ impl PatroniCluster {
                 child: Mutex::new(None),
             });
         }
+        let mut proxies = Vec::new();
+        if options.replication_proxies {
+            for node in &nodes {
+                proxies.push(FaultProxy::start(node.socket_addr()).await?);
+            }
+        }
         let cluster = PatroniCluster {
+            proxies,
             owner,
             patroni,
             etcd: Mutex::new(None),
@@ -240,8 +254,8 @@ impl PatroniCluster {
             dir,
         };
         cluster.start_etcd(&etcd, peer_port).await?;
-        for node in &cluster.nodes {
-            let config = cluster.patroni_config(node, &options, &bindir);
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let config = cluster.patroni_config(i, &options, &bindir);
             fs::write(node.config_path(), config)
                 .map_err(TestkitError::io("writing patroni.yml"))?;
             hand_over(&node.config_path(), owner)?;
@@ -293,6 +307,14 @@ impl PatroniCluster {
             "postgres://postgres@{}/{DATABASE}?target_session_attrs=read-write",
             hosts.join(",")
         )
+    }
+
+    /// The proxy through which the other nodes reach node `i` (its `connect_address`: streaming
+    /// replication from it, `pg_rewind` against it), when the cluster was started with
+    /// [`PatroniOptions::replication_proxies`]. E.g. `blackhole(true)` on the leader's: its
+    /// standbys receive nothing from then on, as with a network that delays replication.
+    pub fn replication_proxy(&self, i: usize) -> Option<&FaultProxy> {
+        self.proxies.get(i)
     }
 
     /// The REST API ports of the nodes, in order.
@@ -572,12 +594,9 @@ impl PatroniCluster {
     }
 
     /// `patroni.yml` of `node`.
-    fn patroni_config(
-        &self,
-        node: &PatroniNode,
-        options: &PatroniOptions,
-        bindir: &Path,
-    ) -> String {
+    fn patroni_config(&self, i: usize, options: &PatroniOptions, bindir: &Path) -> String {
+        let node = &self.nodes[i];
+        let connect_port = self.proxies.get(i).map_or(node.pg_port, FaultProxy::port);
         let mut parameters = String::new();
         for (name, value) in &options.parameters {
             let _ = writeln!(parameters, "        {name}: '{value}'");
@@ -616,7 +635,7 @@ bootstrap:
   - host replication all {HOST}/32 trust
 postgresql:
   listen: {HOST}:{pg}
-  connect_address: {HOST}:{pg}
+  connect_address: {HOST}:{connect_port}
   data_dir: {data}
   bin_dir: {bindir}
   pgpass: {dir}/pgpass

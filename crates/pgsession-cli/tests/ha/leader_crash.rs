@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use pgsession_testkit::patroni::PatroniCluster;
+use pgsession_testkit::patroni::{PatroniCluster, PatroniOptions};
 
 use crate::common::ServeProcess;
 use crate::support::{
@@ -20,7 +20,7 @@ use crate::support::{
     spawn_counter_load, tail, wait_settled, Figures, LoadReport, Monitor, StoredCheck,
 };
 use crate::{
-    first_write_above, on_leader, on_node, patroni, views_by_sid, wait_replayed, BOUND, USERS,
+    first_write_above, on_leader, on_node, patroni_with, views_by_sid, wait_replayed, BOUND, USERS,
 };
 
 /// Load before the crash.
@@ -34,6 +34,10 @@ pub(crate) struct Crash {
     pub(crate) synchronous_mode: bool,
     /// Start the killed node again once a write reached the new leader, under load.
     pub(crate) restart_old: bool,
+    /// Cut replication from the leader (its replication proxy swallows everything) this long
+    /// before the crash, as a network that delays replication would: the commits acknowledged
+    /// meanwhile never reach the standby.
+    pub(crate) replication_lag: Option<Duration>,
 }
 
 /// What a crash run saw.
@@ -45,8 +49,9 @@ pub(crate) struct Outcome {
     pub(crate) figures: Figures,
     pub(crate) old: usize,
     pub(crate) new: usize,
-    /// When the leader was killed (since the load's start).
+    /// When the kill of the leader started, and when it was dead (since the load's start).
     pub(crate) kill_at: Duration,
+    pub(crate) killed_at: Duration,
     /// The new leader's table once it had replayed all it received from the old one, before its
     /// promotion: what survived the crash.
     pub(crate) survived: BTreeMap<String, i64>,
@@ -60,7 +65,13 @@ pub(crate) struct Outcome {
 
 /// A two-node cluster, `serve` on its multi-host URL, 8 users writing; the leader killed.
 pub(crate) async fn crash_under_load(scenario: &'static str, crash: Crash) -> Outcome {
-    let cluster = patroni(2, crash.synchronous_mode).await;
+    let cluster = patroni_with(PatroniOptions {
+        nodes: 2,
+        synchronous_mode: crash.synchronous_mode,
+        replication_proxies: crash.replication_lag.is_some(),
+        ..PatroniOptions::default()
+    })
+    .await;
     let serve = ServeProcess::start_ready(&cluster.url(), &[]).await;
     let http = http();
     let base = base(&serve);
@@ -71,13 +82,19 @@ pub(crate) async fn crash_under_load(scenario: &'static str, crash: Crash) -> Ou
     let (stop, load) = spawn_counter_load(&http, &base, users, t0, BEFORE + 3 * BOUND);
     tokio::time::sleep_until((t0 + BEFORE).into()).await;
 
-    let kill_at = t0.elapsed();
-    let old = cluster.kill_leader().await.expect("kill the leader");
-    let killed_at = t0.elapsed();
+    let old = cluster.leader().await.expect("a leader");
     // With two nodes, the standby is the only candidate; its table, once it replayed what it
     // received, is what survived (it cannot change until the promotion).
     let candidate = 1 - old;
     let standby = on_node(&cluster, candidate).await;
+    if let Some(lag) = crash.replication_lag {
+        let proxy = cluster.replication_proxy(old).expect("replication proxies");
+        proxy.blackhole(true);
+        tokio::time::sleep(lag).await;
+    }
+    let kill_at = t0.elapsed();
+    cluster.kill_node(old).await.expect("kill the leader");
+    let killed_at = t0.elapsed();
     wait_replayed(&standby).await;
     let survived = views_by_sid(&standby).await;
     let baseline: i64 = survived.values().sum();
@@ -153,6 +170,7 @@ pub(crate) async fn crash_under_load(scenario: &'static str, crash: Crash) -> Ou
         old,
         new,
         kill_at,
+        killed_at,
         survived,
         first_write_at,
         recovered_at,
@@ -168,6 +186,7 @@ async fn leader_killed_under_load_synchronous() {
         Crash {
             synchronous_mode: true,
             restart_old: false,
+            replication_lag: None,
         },
     )
     .await;

@@ -44,13 +44,19 @@ pub(crate) const BOUND: Duration = Duration::from_secs(60);
 
 /// A Patroni cluster of `nodes`, or a failure that says what is missing.
 pub(crate) async fn patroni(nodes: usize, synchronous_mode: bool) -> PatroniCluster {
-    PatroniCluster::start(PatroniOptions {
+    patroni_with(PatroniOptions {
         nodes,
         synchronous_mode,
         ..PatroniOptions::default()
     })
     .await
-    .unwrap_or_else(|e| panic!("this scenario needs Patroni, etcd and PostgreSQL: {e}"))
+}
+
+/// A Patroni cluster set up as `options` says, or a failure that says what is missing.
+pub(crate) async fn patroni_with(options: PatroniOptions) -> PatroniCluster {
+    PatroniCluster::start(options)
+        .await
+        .unwrap_or_else(|e| panic!("this scenario needs Patroni, etcd and PostgreSQL: {e}"))
 }
 
 /// The cluster's database through its multi-host URL: on whichever node leads.

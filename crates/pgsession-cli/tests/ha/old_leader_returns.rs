@@ -21,6 +21,7 @@ async fn old_leader_returns_as_a_replica() {
         Crash {
             synchronous_mode: true,
             restart_old: true,
+            replication_lag: None,
         },
     )
     .await;

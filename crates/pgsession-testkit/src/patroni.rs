@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{
     cluster::{free_port, template, HOST},
     db::connect,
-    server::{run, Binaries},
+    server::{run, Binaries, StopMode},
     FaultProxy, PgBouncer, Result, TestkitError,
 };
 
@@ -182,6 +182,8 @@ impl PatroniNode {
 #[derive(Debug)]
 pub struct PatroniCluster {
     dir: TempDir,
+    /// The server programs, to stop the servers on drop.
+    bin: Binaries,
     /// `Some((uid, gid))` of `postgres` when we are root.
     owner: Option<(u32, u32)>,
     patroni: PathBuf,
@@ -244,6 +246,7 @@ impl PatroniCluster {
             }
         }
         let cluster = PatroniCluster {
+            bin,
             proxies,
             owner,
             patroni,
@@ -678,11 +681,14 @@ postgresql:
 
 impl Drop for PatroniCluster {
     fn drop(&mut self) {
-        // Patroni first, so that none starts its PostgreSQL again.
+        // Patroni first, so that none starts its PostgreSQL again; then each server is stopped
+        // (`-m immediate`: it removes its shared memory), and killed if that failed.
         for node in &self.nodes {
             kill_child(&node.child);
         }
         for node in &self.nodes {
+            self.bin
+                .stop_blocking(&node.data_dir(), StopMode::Immediate, "10");
             kill_postmasters(&node.data_dir());
         }
         kill_child(&self.etcd);
@@ -873,15 +879,114 @@ fn postmaster_pids(data_dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// SIGKILLs each postmaster of `data_dir` with its process group (its server processes).
+/// SIGKILLs each postmaster of `data_dir` with its process group (its server processes), and
+/// removes the shared memory they leave: a server killed so never removes its System V header
+/// segment (its id is on line 7 of `postmaster.pid`) nor its dynamic shared memory segments
+/// (`/dev/shm/PostgreSQL.*`, those its processes had mapped), and a test must leave nothing
+/// behind. (Removing memory still attached only removes its name.)
 fn kill_postmasters(data_dir: &Path) {
+    let pid_file = fs::read_to_string(data_dir.join("postmaster.pid")).unwrap_or_default();
     for pid in postmaster_pids(data_dir) {
+        let mut segments: Vec<PathBuf> = process_group(pid)
+            .into_iter()
+            .flat_map(shared_memory_files)
+            .collect();
+        // Segments no process had mapped at this moment are listed in the control segment.
+        let listed: Vec<PathBuf> = segments.iter().flat_map(|s| listed_segments(s)).collect();
+        segments.extend(listed);
+        // postmaster.pid: pid, data directory, start time, port, socket directory, listen
+        // address, "shmem key, shmem id".
+        let header = (pid_file.lines().next().map(str::trim) == Some(&pid.to_string()))
+            .then(|| {
+                pid_file
+                    .lines()
+                    .nth(6)?
+                    .split_whitespace()
+                    .nth(1)
+                    .map(str::to_owned)
+            })
+            .flatten();
         let _ = StdCommand::new("kill")
             .args(["-KILL", "--", &format!("-{pid}"), &pid.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        for segment in segments {
+            let _ = fs::remove_file(segment);
+        }
+        if let Some(shmid) = header {
+            let _ = StdCommand::new("ipcrm")
+                .args(["-m", &shmid])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
+}
+
+/// The segments a dynamic shared memory control segment lists (nothing when `path` is not
+/// one): PostgreSQL's own cleanup after a crash (`dsm_cleanup_using_control_segment` in
+/// `src/backend/storage/ipc/dsm.c`) reads the same layout. A header of `magic`, `nitems`,
+/// `maxitems` (u32 each), then items of 40 bytes from offset 16: `handle` (u32), `refcnt`
+/// (u32), `first_page`, `npages`, a pointer, `pinned`. A free slot has `refcnt` 0; an odd
+/// handle lives in the main shared memory, not in a file of its own.
+fn listed_segments(path: &Path) -> Vec<PathBuf> {
+    const MAGIC: u32 = 0x9a50_3d32;
+    const ITEMS_AT: usize = 16;
+    const ITEM_SIZE: usize = 40;
+    let Ok(bytes) = fs::read(path) else {
+        return Vec::new();
+    };
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    };
+    if word(0) != Some(MAGIC) {
+        return Vec::new();
+    }
+    let items = word(4).unwrap_or(0) as usize;
+    (0..items)
+        .filter_map(|i| {
+            let at = ITEMS_AT + i * ITEM_SIZE;
+            let (handle, refcnt) = (word(at)?, word(at + 4)?);
+            (refcnt != 0 && handle % 2 == 0)
+                .then(|| PathBuf::from(format!("/dev/shm/PostgreSQL.{handle}")))
+        })
+        .collect()
+}
+
+/// The processes of process group `pgid` (`/proc/PID/stat`, field 5).
+fn process_group(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return vec![pgid];
+    };
+    let mut members: Vec<u32> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            // "pid (comm) state ppid pgrp ...": the command may hold spaces, not ')'.
+            let (_, rest) = stat.rsplit_once(')')?;
+            let group: u32 = rest.split_whitespace().nth(2)?.parse().ok()?;
+            (group == pgid).then_some(pid)
+        })
+        .collect();
+    if !members.contains(&pgid) {
+        members.push(pgid);
+    }
+    members
+}
+
+/// The `/dev/shm/PostgreSQL.*` files process `pid` has mapped.
+fn shared_memory_files(pid: u32) -> Vec<PathBuf> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let mut files: Vec<PathBuf> = maps
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .filter(|path| path.starts_with("/dev/shm/PostgreSQL."))
+        .map(PathBuf::from)
+        .collect();
+    files.dedup();
+    files
 }
 
 /// Kills what runs in cluster directories of test processes that no longer exist (etcd and

@@ -167,7 +167,7 @@ impl PatroniNode {
 /// process it started, then removes its directory.
 ///
 /// ```no_run
-/// use pgsession_testkit::{PatroniCluster, PatroniOptions};
+/// use pgsession_testkit::patroni::{PatroniCluster, PatroniOptions};
 ///
 /// # async fn demo() -> Result<(), pgsession_testkit::TestkitError> {
 /// let cluster = PatroniCluster::start(PatroniOptions::default()).await?;

@@ -340,8 +340,8 @@ pub struct DoctorQueries {
     /// Whether the server is a standby (`pg_is_in_recovery()`).
     pub in_recovery: String,
     /// On a standby: the replay lag in seconds (NULL before the first
-    /// replayed transaction), and the received and replayed WAL positions
-    /// (text, NULL when unknown).
+    /// replayed transaction), the received and replayed WAL positions
+    /// (text, NULL when unknown), and the bytes received but not replayed.
     pub standby_lag: String,
     /// On a primary: one row per standby, `(application_name, client
     /// address, state, sync_state, replay_lag in seconds (NULL when idle),
@@ -385,7 +385,8 @@ impl DoctorQueries {
             in_recovery: "SELECT pg_is_in_recovery()".into(),
             standby_lag:
                 "SELECT extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, \
-                 pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
+                 pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, \
+                 pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::float8"
                     .into(),
             primary_lag:
                 "SELECT coalesce(application_name, ''), coalesce(host(client_addr), 'local'), \

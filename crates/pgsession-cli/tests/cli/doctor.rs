@@ -372,7 +372,9 @@ async fn a_multi_host_url_names_the_primary_and_the_standby_with_their_lag() {
     assert_eq!(hosts[1]["role"], "standby", "{json}");
     let lag = &hosts[1]["standby"];
     assert!(
-        lag["replayed_lsn"].is_string() && lag["received_lsn"].is_string(),
+        lag["replayed_lsn"].is_string()
+            && lag["received_lsn"].is_string()
+            && lag["unreplayed_bytes"].is_number(),
         "{json}"
     );
     assert!(

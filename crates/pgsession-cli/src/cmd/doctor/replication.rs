@@ -105,6 +105,7 @@ impl Doctor {
                     replay_lag_seconds: row.get(0),
                     received_lsn: row.get(1),
                     replayed_lsn: row.get(2),
+                    unreplayed_bytes: row.get(3),
                 };
                 return Ok::<_, tokio_postgres::Error>((Role::Standby, Some(lag), Vec::new()));
             }

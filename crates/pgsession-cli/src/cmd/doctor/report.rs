@@ -82,6 +82,8 @@ pub(crate) struct StandbyLag {
     pub(crate) received_lsn: Option<String>,
     /// WAL replayed (visible to readers).
     pub(crate) replayed_lsn: Option<String>,
+    /// WAL received and not yet replayed.
+    pub(crate) unreplayed_bytes: Option<f64>,
 }
 
 /// A standby as its primary sees it (`pg_stat_replication`).
@@ -272,9 +274,10 @@ impl fmt::Display for HostReport {
                     write!(
                         f,
                         "; replay lag {replay} (age of the last replayed transaction), \
-                         received {}, replayed {}",
+                         received {}, replayed {} ({} bytes received and not replayed)",
                         lsn(&lag.received_lsn),
-                        lsn(&lag.replayed_lsn)
+                        lsn(&lag.replayed_lsn),
+                        bytes(lag.unreplayed_bytes)
                     )?;
                 }
                 Ok(())
@@ -298,7 +301,7 @@ impl fmt::Display for HostReport {
                                 r.address,
                                 r.state,
                                 r.sync_state,
-                                r.behind_bytes.map_or("?".to_owned(), |b| format!("{b:.0}"))
+                                bytes(r.behind_bytes)
                             )?;
                         }
                         Ok(())
@@ -307,6 +310,11 @@ impl fmt::Display for HostReport {
             }
         }
     }
+}
+
+/// A byte count from the server (`pg_wal_lsn_diff` is numeric), or `?`.
+fn bytes(count: Option<f64>) -> String {
+    count.map_or("?".to_owned(), |b| format!("{b:.0}"))
 }
 
 fn plural_warnings(n: usize) -> String {

@@ -13,7 +13,7 @@ use pgsession_testkit::{
     ClusterOptions, FaultProxy, ReplicaPair, TestCluster, TestDb, STANDBY_NAME,
 };
 
-use crate::common::{run, test_db};
+use crate::common::{free_port, run, test_db};
 
 /// `pgsession ARGS` with `env`, off the runtime's threads, so that the
 /// fault proxy (which runs on this test's runtime) keeps forwarding.
@@ -383,4 +383,36 @@ async fn a_multi_host_url_names_the_primary_and_the_standby_with_their_lag() {
     );
     let steps = json["steps"].as_array().expect("steps");
     assert!(steps.iter().all(|s| s["verdict"] == "ok"), "{json}");
+}
+
+/// A multi-host URL whose first host is down: the pool goes on to the
+/// next, so does doctor's login; the first host's failure is a warning,
+/// and the hosts step names the host that does not answer.
+#[tokio::test]
+async fn a_first_host_down_is_a_warning_when_another_host_serves() {
+    let db = test_db().await;
+    run(&["migrate"], &[("DATABASE_URL", db.url())]);
+    let closed = free_port();
+    let url = db
+        .url()
+        .replacen("@127.0.0.1:", &format!("@127.0.0.1:{closed},127.0.0.1:"), 1);
+    assert_ne!(url, db.url(), "the test database is not at 127.0.0.1");
+    let out = run(&["doctor"], &[("DATABASE_URL", &url)]);
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert_eq!(verdict(line(&report, "TCP connected")), "warn", "{report}");
+    assert!(
+        hint(&report, "TCP connected").contains("goes on to the next host"),
+        "{report}"
+    );
+    assert_eq!(verdict(line(&report, "TLS negotiated")), "skip", "{report}");
+    for step in &STEPS[4..] {
+        assert_eq!(verdict(line(&report, step)), "ok", "{step}:\n{report}");
+    }
+    let hosts = line(&report, "hosts");
+    assert_eq!(verdict(hosts), "warn", "{report}");
+    assert!(
+        hosts.contains(&format!("unreachable: 127.0.0.1:{closed}/")),
+        "{report}"
+    );
 }

@@ -1,10 +1,11 @@
 //! The connection probes of `doctor`, one step each: the name resolved, a
 //! TCP connection, TLS negotiated and the certificate checked, then the
-//! login. The first three open a connection of their own, so that a
-//! failure names the layer it happened in and gets that layer's hint. The
-//! login, which decides whether the store can connect, is the pool's own
-//! ([`pgsession::connect_one`]: its TLS connector, channel binding
-//! included).
+//! login. The first three open a connection of their own to the URL's
+//! first host, so that a failure names the layer it happened in and gets
+//! that layer's hint. The login, which decides whether the store can
+//! connect, is the pool's own ([`pgsession::connect_one`]: its TLS
+//! connector, channel binding included, and every host of a multi-host URL
+//! in turn, so a first host that is down is only a warning there).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -97,10 +98,39 @@ impl Doctor {
             }
         };
         if reachable {
-            self.login().await
-        } else {
-            None
+            return self.login().await;
         }
+        if self.config.postgres().get_hosts().len() < 2 {
+            return None;
+        }
+        // The pool would go on to the next host: so does the login, and the
+        // first host's failure is a warning (the hosts step says more).
+        if let Some(step) = self
+            .report
+            .steps
+            .iter_mut()
+            .rev()
+            .find(|s| s.verdict == Verdict::Fail)
+        {
+            step.verdict = Verdict::Warn;
+            let hint = step.hint.take().unwrap_or_default();
+            step.hint = Some(format!(
+                "the first host: {hint} The pool goes on to the next host of the URL: see \
+                 the login and the hosts step."
+            ));
+        }
+        for name in [DNS, TCP, TLS] {
+            if self.report.step(name).is_none() {
+                self.report.push(
+                    name,
+                    Verdict::Skip,
+                    None,
+                    "not run: the first host did not get this far",
+                    None,
+                );
+            }
+        }
+        self.login().await
     }
 
     async fn unix(&mut self, path: &std::path::Path, port: u16, deadline: Instant) -> bool {

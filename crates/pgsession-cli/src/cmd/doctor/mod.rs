@@ -14,7 +14,7 @@
 //! primary, which are standbys, and how far behind.
 //!
 //! This module holds the order of the steps and the command;
-//! [`probe`] the connection steps, [`catalog`] the queries on the server,
+//! [`probe`] the connection steps ([`tls`] the TLS one), [`catalog`] the queries on the server,
 //! [`settings`] the pool step, [`replication`] the hosts of a multi-host
 //! URL, [`hints`] what to change, and [`report`] the result and its text
 //! and JSON renderings.
@@ -28,6 +28,7 @@ mod probe;
 mod replication;
 mod report;
 mod settings;
+mod tls;
 
 use std::time::{Duration, Instant};
 

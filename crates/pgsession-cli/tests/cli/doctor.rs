@@ -102,7 +102,7 @@ async fn a_good_database_passes_every_step() {
     let url = db
         .url()
         .replacen("postgres://postgres@", "postgres://postgres:sw0rdfish@", 1);
-    let out = run(&["doctor"], &[("DATABASE_URL", &url)]);
+    let out = run(&["doctor"], &[("DATABASE_URL", &url), UNHURRIED]);
     let report = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{report}");
     for step in STEPS {

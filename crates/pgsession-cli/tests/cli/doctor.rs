@@ -241,7 +241,8 @@ async fn behind_pgbouncer_the_mode_says_pooler() {
 
 /// `channel_binding=require` against a server with TLS and scram-sha-256:
 /// the login must be SCRAM-SHA-256-PLUS, bound to the TLS channel, which
-/// only a login on the pool's own TLS connector can offer.
+/// only a login on the pool's own TLS connector can offer. Then the same
+/// without `sslrootcert`, the CA in the machine's store (`SSL_CERT_FILE`).
 #[tokio::test]
 async fn channel_binding_required_logs_in_as_the_pool_does() {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -315,10 +316,30 @@ async fn channel_binding_required_logs_in_as_the_pool_does() {
         assert_eq!(verdict(line(&report, step)), "ok", "{step}:\n{report}");
     }
     assert!(
-        line(&report, "TLS negotiated").contains("certificate verified"),
+        line(&report, "TLS negotiated").contains("certificate verified")
+            && line(&report, "TLS negotiated").contains("by sslrootcert"),
         "{report}"
     );
     assert!(!report.contains("sw0rdfish"), "{report}");
+
+    // Without sslrootcert, the CA installed in the machine's store (the
+    // bundle SSL_CERT_FILE names) is trusted, and the report says so.
+    let without_root = url.replace(&format!("&sslrootcert={}", ca_file.display()), "");
+    assert_ne!(without_root, url);
+    let out = run(
+        &["doctor"],
+        &[
+            ("DATABASE_URL", &without_root),
+            ("SSL_CERT_FILE", ca_file.to_str().expect("UTF-8 path")),
+            UNHURRIED,
+        ],
+    );
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(
+        line(&report, "TLS negotiated").contains("by this machine's store (SSL_CERT_FILE="),
+        "{report}"
+    );
 }
 
 /// A primary and its synchronous standby in one URL: the report names

@@ -37,7 +37,7 @@ pub mod metrics;
 mod pool;
 pub mod record;
 mod resilience;
-mod schema;
+pub mod schema;
 mod sizing;
 mod store;
 pub mod tls;

@@ -80,6 +80,17 @@ impl fmt::Display for Identifier {
     }
 }
 
+/// `schema.table`, each part quoted: the table as every statement names it.
+///
+/// ```
+/// use pgsession::Identifier;
+/// let name = pgsession::schema::qualified(&Identifier::new("auth").unwrap(), &Identifier::new("Sess").unwrap());
+/// assert_eq!(name, "\"auth\".\"Sess\"");
+/// ```
+pub fn qualified(schema: &Identifier, table: &Identifier) -> String {
+    format!("{}.{}", schema.quoted(), table.quoted())
+}
+
 /// The current time in UTC as a `timestamp` (no time zone), on the server.
 const NOW_UTC: &str = "(now() AT TIME ZONE 'UTC')";
 
@@ -172,7 +183,7 @@ pub(crate) struct Statements {
 
 impl Statements {
     pub(crate) fn new(schema: &Identifier, table: &Identifier) -> Statements {
-        let t = format!("{}.{}", schema.quoted(), table.quoted());
+        let t = qualified(schema, table);
         // connect-pg-simple's table.sql names its index IDX_session_expire
         // for the table "session"; following its pattern means an existing
         // table never gets a second index.

@@ -305,3 +305,56 @@ mod tests {
         }
     }
 }
+
+/// The handles of the per-operation series ([`QUERY_SECONDS`] and
+/// [`OPERATIONS`] for each of [`COUNTED_OPS`]), registered once with the
+/// recorder installed at that moment and then reused: a labelled
+/// `counter!` looks its key up in the recorder's registry on every call
+/// (about 1.5 % of `serve`'s CPU per request, BENCHMARKS.md). The store
+/// registers them at its first operation, so a program installs its
+/// recorder before it serves, as it must for any metric.
+#[derive(Debug)]
+pub(crate) struct OperationMetrics {
+    ops: Vec<OperationHandles>,
+}
+
+#[derive(Debug)]
+struct OperationHandles {
+    op: &'static str,
+    seconds: ::metrics::Histogram,
+    /// By outcome, in the order of [`OUTCOMES`].
+    outcomes: [::metrics::Counter; 3],
+}
+
+impl OperationMetrics {
+    pub(crate) fn register() -> OperationMetrics {
+        let ops = COUNTED_OPS
+            .iter()
+            .map(|&op| OperationHandles {
+                op,
+                seconds: ::metrics::histogram!(QUERY_SECONDS, "op" => op),
+                outcomes: std::array::from_fn(
+                    |i| ::metrics::counter!(OPERATIONS, "op" => op, "outcome" => OUTCOMES[i]),
+                ),
+            })
+            .collect();
+        OperationMetrics { ops }
+    }
+
+    /// Times and counts one operation; `outcome` is one of [`OUTCOMES`].
+    pub(crate) fn record(&self, op: &'static str, elapsed: std::time::Duration, outcome: &str) {
+        match self.ops.iter().find(|h| h.op == op) {
+            Some(handles) => {
+                handles.seconds.record(elapsed);
+                if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+                    handles.outcomes[i].increment(1);
+                }
+            }
+            None => {
+                ::metrics::histogram!(QUERY_SECONDS, "op" => op).record(elapsed);
+                ::metrics::counter!(OPERATIONS, "op" => op, "outcome" => outcome.to_owned())
+                    .increment(1);
+            }
+        }
+    }
+}

@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 
 use super::guard::on_conn;
 use super::recovery::refusal;
-use super::{record_op, Outcome, Store};
+use super::{Outcome, Store};
 use crate::error::Error;
 use crate::record::StoredSession;
 use crate::resilience::fallback::{Journaled, Lookup, Refused};
@@ -74,7 +74,7 @@ impl Store {
             },
             other => self.journaled(other, Error::Unavailable).await,
         };
-        record_op("insert", started, &result, outcome);
+        self.record_op("insert", started, &result, outcome);
         result
     }
 

@@ -114,6 +114,9 @@ struct Inner {
     /// succeeds again (for `/health`, and to log it once).
     config_problem: crate::health::ConfigProblem,
     life: Lifecycle,
+    /// The per-operation metrics' handles, registered at the first
+    /// operation.
+    op_metrics: std::sync::OnceLock<crate::metrics::OperationMetrics>,
 }
 
 /// The store's own life: start-up, background tasks, close.
@@ -166,6 +169,7 @@ impl Store {
                 recovery,
                 events: Events::default(),
                 config_problem: Default::default(),
+                op_metrics: std::sync::OnceLock::new(),
                 life: Lifecycle {
                     startup: tokio::sync::watch::Sender::new(Startup::Starting),
                     shutdown: CancellationToken::new(),
@@ -357,7 +361,7 @@ impl Store {
             } else {
                 Outcome::Error
             };
-            record_op("load", started, &result, outcome);
+            self.record_op("load", started, &result, outcome);
             return result;
         }
         let (result, outcome) = match self.db_load(sid).await {
@@ -377,7 +381,7 @@ impl Store {
             },
             Err(e) => (Err(e), Outcome::Error),
         };
-        record_op("load", started, &result, outcome);
+        self.record_op("load", started, &result, outcome);
         result
     }
 
@@ -511,7 +515,7 @@ impl Store {
         if outcome == Outcome::Fallback {
             metrics::gauge!(crate::metrics::JOURNAL_ENTRIES).set(fallback.journal_len() as f64);
         }
-        record_op(op, started, &result, outcome);
+        self.record_op(op, started, &result, outcome);
         result
     }
 
@@ -573,6 +577,28 @@ impl Store {
         self.inner.db.pool.close();
     }
 
+    /// Counts and times an operation for the metrics.
+    fn record_op<T>(
+        &self,
+        op: &'static str,
+        started: std::time::Instant,
+        result: &Result<T, Error>,
+        outcome: Outcome,
+    ) {
+        let outcome = match outcome {
+            Outcome::Ok => "ok",
+            Outcome::Fallback => "fallback",
+            Outcome::Error => "error",
+        };
+        self.inner
+            .op_metrics
+            .get_or_init(crate::metrics::OperationMetrics::register)
+            .record(op, started.elapsed(), outcome);
+        if let Err(e) = result {
+            metrics::counter!(crate::metrics::ERRORS, "kind" => e.kind().as_str()).increment(1);
+        }
+    }
+
     /// Whether [`Store::close`] has ended.
     fn is_closed(&self) -> bool {
         self.inner.life.closed.load(Ordering::Acquire)
@@ -585,24 +611,5 @@ impl Store {
     {
         // Tasks hold a clone of the store; they end when `shutdown` fires.
         self.inner.life.tasks.spawn(task(self.clone()));
-    }
-}
-
-/// Counts and times an operation for the metrics.
-fn record_op<T>(
-    op: &'static str,
-    started: std::time::Instant,
-    result: &Result<T, Error>,
-    outcome: Outcome,
-) {
-    metrics::histogram!(crate::metrics::QUERY_SECONDS, "op" => op).record(started.elapsed());
-    let outcome = match outcome {
-        Outcome::Ok => "ok",
-        Outcome::Fallback => "fallback",
-        Outcome::Error => "error",
-    };
-    metrics::counter!(crate::metrics::OPERATIONS, "op" => op, "outcome" => outcome).increment(1);
-    if let Err(e) = result {
-        metrics::counter!(crate::metrics::ERRORS, "kind" => e.kind().as_str()).increment(1);
     }
 }

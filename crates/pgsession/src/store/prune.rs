@@ -3,7 +3,7 @@
 
 use tokio_postgres::types::Type;
 
-use super::{record_op, Outcome, Store};
+use super::{Outcome, Store};
 use crate::error::Error;
 use crate::pool::{Checkout, Params};
 use crate::resilience::retry::bounded;
@@ -76,7 +76,7 @@ impl Store {
         } else {
             Outcome::Error
         };
-        record_op("prune", started, &result, outcome);
+        self.record_op("prune", started, &result, outcome);
         if let Ok(PruneOutcome::Pruned { deleted, batches }) = result {
             tracing::info!(target: "session_store", deleted, batches, "pruned expired sessions");
         }

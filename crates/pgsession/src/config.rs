@@ -19,34 +19,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+pub use crate::error::ConfigError;
 use crate::schema::Identifier;
-
-/// A refused configuration value. The message names the setting, never a
-/// password.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A setting had a value that cannot be used.
-    #[error("invalid value for `{setting}`: {reason}")]
-    Invalid {
-        /// The setting, e.g. `pool_size` or `sslmode`.
-        setting: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A required setting was not given.
-    #[error("`{0}` is required but was not set")]
-    Missing(&'static str),
-}
-
-impl ConfigError {
-    pub(crate) fn invalid(setting: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            setting: setting.into(),
-            reason: reason.into(),
-        }
-    }
-}
 
 /// How TLS is used and checked, as libpq's `sslmode`, with one difference:
 /// `require` verifies the certificate too (libpq's `require` does not).

@@ -6,8 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::ConfigError;
-
 /// What went wrong in a store operation.
 ///
 /// [`Error::is_transient`] tells a passing fault (the database is waking,
@@ -75,6 +73,33 @@ pub enum Error {
         /// The limit in force.
         limit: usize,
     },
+}
+
+/// A refused configuration value. The message names the setting, never a
+/// password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A setting had a value that cannot be used.
+    #[error("invalid value for `{setting}`: {reason}")]
+    Invalid {
+        /// The setting, e.g. `pool_size` or `sslmode`.
+        setting: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A required setting was not given.
+    #[error("`{0}` is required but was not set")]
+    Missing(&'static str),
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            setting: setting.into(),
+            reason: reason.into(),
+        }
+    }
 }
 
 /// A short, stable label for an [`Error`], used in logs and metrics.

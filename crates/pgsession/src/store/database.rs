@@ -339,14 +339,41 @@ impl Database {
         json: &str,
         expire: OffsetDateTime,
     ) -> Result<(), Error> {
+        self.with_document(conn, &self.sql.save, sid, json, expire)
+            .await
+            .map(drop)
+    }
+
+    /// A one-row statement of `($1 sid, $2 document, $3 expire)`; the rows
+    /// it affected.
+    async fn with_document(
+        &self,
+        conn: &Checkout,
+        sql: &str,
+        sid: &str,
+        json: &str,
+        expire: OffsetDateTime,
+    ) -> Result<u64, Error> {
         let expire = to_timestamp(expire);
         let params: &Params = &[
             (&sid, Type::VARCHAR),
             (&json, Type::TEXT),
             (&expire, Type::TIMESTAMP),
         ];
-        conn.execute(&self.sql.save, params).await?;
-        Ok(())
+        Ok(conn.execute(sql, params).await?)
+    }
+
+    /// A one-row statement of `($1 sid, $2 expire)`; the rows it affected.
+    async fn with_expiry(
+        &self,
+        conn: &Checkout,
+        sql: &str,
+        sid: &str,
+        expire: OffsetDateTime,
+    ) -> Result<u64, Error> {
+        let expire = to_timestamp(expire);
+        let params: &Params = &[(&sid, Type::VARCHAR), (&expire, Type::TIMESTAMP)];
+        Ok(conn.execute(sql, params).await?)
     }
 
     /// One multi-row upsert of `unnest`ed arrays, the last write of each
@@ -383,13 +410,10 @@ impl Database {
         json: &str,
         expire: OffsetDateTime,
     ) -> Result<bool, Error> {
-        let expire = to_timestamp(expire);
-        let params: &Params = &[
-            (&sid, Type::VARCHAR),
-            (&json, Type::TEXT),
-            (&expire, Type::TIMESTAMP),
-        ];
-        Ok(conn.execute(&self.sql.insert, params).await? == 1)
+        let inserted = self
+            .with_document(conn, &self.sql.insert, sid, json, expire)
+            .await?;
+        Ok(inserted == 1)
     }
 
     /// Moves a session's expiry; whether the row exists.
@@ -399,9 +423,7 @@ impl Database {
         sid: &str,
         expire: OffsetDateTime,
     ) -> Result<bool, Error> {
-        let expire = to_timestamp(expire);
-        let params: &Params = &[(&sid, Type::VARCHAR), (&expire, Type::TIMESTAMP)];
-        Ok(conn.execute(&self.sql.touch, params).await? > 0)
+        Ok(self.with_expiry(conn, &self.sql.touch, sid, expire).await? > 0)
     }
 
     pub(super) async fn destroy(&self, conn: &Checkout, sid: &str) -> Result<(), Error> {
@@ -418,9 +440,8 @@ impl Database {
         sid: &str,
         expire: OffsetDateTime,
     ) -> Result<bool, Error> {
-        let expire = to_timestamp(expire);
-        let params: &Params = &[(&sid, Type::VARCHAR), (&expire, Type::TIMESTAMP)];
-        Ok(conn.execute(&self.sql.writeback_touch, params).await? > 0)
+        let sql = &self.sql.writeback_touch;
+        Ok(self.with_expiry(conn, sql, sid, expire).await? > 0)
     }
 
     /// Write-back of a save: only if the row holds one of `docs` (SHA-256

@@ -597,15 +597,12 @@ impl FromStr for SameSite {
 
     /// Case-insensitive `strict`, `lax` or `none`, as the `cookie` package accepts.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.eq_ignore_ascii_case("strict") {
-            Ok(SameSite::Strict)
-        } else if s.eq_ignore_ascii_case("lax") {
-            Ok(SameSite::Lax)
-        } else if s.eq_ignore_ascii_case("none") {
-            Ok(SameSite::None)
-        } else {
-            Err(CookieError::InvalidSameSite(s.to_owned()))
-        }
+        let choices = [
+            ("strict", SameSite::Strict),
+            ("lax", SameSite::Lax),
+            ("none", SameSite::None),
+        ];
+        choose(s, &choices).ok_or_else(|| CookieError::InvalidSameSite(s.to_owned()))
     }
 }
 
@@ -636,16 +633,21 @@ impl FromStr for Priority {
 
     /// Case-insensitive `low`, `medium` or `high`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.eq_ignore_ascii_case("low") {
-            Ok(Priority::Low)
-        } else if s.eq_ignore_ascii_case("medium") {
-            Ok(Priority::Medium)
-        } else if s.eq_ignore_ascii_case("high") {
-            Ok(Priority::High)
-        } else {
-            Err(CookieError::InvalidPriority(s.to_owned()))
-        }
+        let choices = [
+            ("low", Priority::Low),
+            ("medium", Priority::Medium),
+            ("high", Priority::High),
+        ];
+        choose(s, &choices).ok_or_else(|| CookieError::InvalidPriority(s.to_owned()))
     }
+}
+
+/// The value named by `s` (ASCII case-insensitive) among `choices`.
+fn choose<T: Copy>(s: &str, choices: &[(&str, T)]) -> Option<T> {
+    choices
+        .iter()
+        .find(|(name, _)| s.eq_ignore_ascii_case(name))
+        .map(|&(_, value)| value)
 }
 
 /// The HTTP date of `Expires`, as JavaScript's `Date.prototype.toUTCString`.

@@ -143,6 +143,10 @@ pub(crate) async fn run(args: ServeArgs, shutdown: Shutdown) -> anyhow::Result<(
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
 
+    // The recorder first: the store records from its first moment (the
+    // start-up health check, the operations' handles), and a metric
+    // recorded before a recorder exists is lost.
+    metrics::install();
     let backend = open_backend(&args, builder).await?;
     let secrets = match given_secrets {
         Some(secrets) => secrets,

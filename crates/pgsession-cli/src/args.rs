@@ -247,6 +247,10 @@ pub(crate) struct PruneArgs {
 /// `pgsession doctor`.
 #[derive(Debug, Args)]
 pub(crate) struct DoctorArgs {
+    /// Print the report as JSON (the same steps, hosts and verdicts) for a
+    /// script; the exit status is the same.
+    #[arg(long)]
+    pub(crate) json: bool,
     /// The session store.
     #[command(flatten)]
     pub(crate) store: StoreArgs,

@@ -37,6 +37,7 @@
 mod cluster;
 mod db;
 mod error;
+pub mod patroni;
 mod pgbouncer;
 mod proxy;
 mod replica;

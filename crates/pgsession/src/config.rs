@@ -131,8 +131,9 @@ impl FromStr for PoolerMode {
 pub struct TlsConfig {
     /// `sslmode`. Default: `prefer`.
     pub mode: SslMode,
-    /// `sslrootcert`: a PEM file of trusted CAs. Default: the Mozilla roots
-    /// (webpki-roots).
+    /// `sslrootcert`: a PEM file of trusted CAs. Default (and `system`):
+    /// the machine's store, or the bundle `SSL_CERT_FILE` / `SSL_CERT_DIR`
+    /// name (see SECURITY.md).
     pub root_cert: Option<PathBuf>,
     /// Send SNI (`sslsni`). Default: on.
     pub sni: bool,
@@ -688,6 +689,8 @@ impl Config {
                     .copied();
                 let port = port.unwrap_or(5432);
                 match host {
+                    // An IPv6 address in brackets, as in a URL.
+                    Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
                     Host::Tcp(name) => format!("{name}:{port}"),
                     Host::Unix(path) => format!("{}:{port}", path.display()),
                 }
@@ -1473,6 +1476,11 @@ mod tests {
         );
         assert_eq!(c.postgres().get_application_name(), Some("web"));
         assert_eq!(c.target(), "a:5432,b:5433/app");
+        let v6 = Config::builder()
+            .url("postgres://u:secret@[::1]:5433,127.0.0.1/app")
+            .build()
+            .unwrap();
+        assert_eq!(v6.target(), "[::1]:5433,127.0.0.1:5432/app");
         // Each host alone too, with the same settings, for the connector.
         assert_eq!(c.per_host.len(), 2);
         assert_eq!(c.per_host[1].get_ports(), &[5433]);

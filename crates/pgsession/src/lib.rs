@@ -37,7 +37,7 @@ pub mod metrics;
 mod pool;
 pub mod record;
 mod resilience;
-mod schema;
+pub mod schema;
 mod sizing;
 mod store;
 pub mod tls;
@@ -52,9 +52,9 @@ pub use health::{
     WriteBackProgress,
 };
 pub use memory::MemoryStore;
-pub use pool::PoolStatus;
+pub use pool::{connect_one, each_host, PoolStatus};
 pub use record::StoredSession;
 pub use resilience::breaker::BreakerState;
 pub use resilience::dead_letter;
-pub use schema::Identifier;
+pub use schema::{DoctorQueries, Identifier};
 pub use store::{PruneOutcome, ServerInfo, Store};

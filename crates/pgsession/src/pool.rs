@@ -107,6 +107,16 @@ struct Shared {
 }
 
 impl Shared {
+    /// Startup options and named statements unless `config` says a
+    /// transaction pooler is in between.
+    fn for_config(config: &Config) -> Arc<Shared> {
+        Arc::new(Shared {
+            startup_options: AtomicBool::new(config.pooler() == PoolerMode::Direct),
+            pooled: AtomicBool::new(config.pooler() == PoolerMode::Transaction),
+            ..Shared::default()
+        })
+    }
+
     /// Behind a pooler: no startup options, unnamed statements from now
     /// on. True the first time, for the caller's warning.
     fn go_unnamed(&self) -> bool {
@@ -119,27 +129,8 @@ impl SessionPool {
     /// Builds the pool; opens nothing yet.
     pub(crate) fn new(config: &Config) -> Result<SessionPool, Error> {
         let tls = crate::tls::connector(config.tls())?;
-        let shared = Arc::new(Shared {
-            startup_options: AtomicBool::new(config.pooler() == PoolerMode::Direct),
-            pooled: AtomicBool::new(config.pooler() == PoolerMode::Transaction),
-            ..Shared::default()
-        });
-        let mut options = config
-            .postgres()
-            .get_options()
-            .unwrap_or_default()
-            .to_owned();
-        options.push_str(&format!(
-            " -c TimeZone=UTC -c statement_timeout={} -c {OPTIONS_MARKER}=on",
-            config.statement_timeout().as_millis()
-        ));
-        let connector = SessionConnector {
-            tls: tls.clone(),
-            shared: shared.clone(),
-            options: options.trim().to_owned(),
-            hosts: config.per_host.clone(),
-            connect_timeout: config.connect_timeout(),
-        };
+        let shared = Shared::for_config(config);
+        let connector = SessionConnector::new(config, tls.clone(), shared.clone());
         let prober = Arc::new((connector.clone(), config.postgres().clone()));
         let manager = Manager::from_connect(
             config.postgres().clone(),
@@ -838,6 +829,52 @@ type ConnectFuture<'a> = Pin<
     >,
 >;
 
+/// Opens one connection to `config`'s database exactly as the pool opens
+/// its own: the same TLS connector (so `sslmode`, `sslrootcert` and channel
+/// binding behave the same), the same startup options (`TimeZone=UTC`, the
+/// statement timeout; left out if a pooler refuses them), and for a
+/// multi-host URL each host in turn, starting with the first. It is for
+/// `pgsession doctor`, whose verdict on a login must be the pool's. The
+/// connection closes when the client is dropped.
+///
+/// An unusable TLS setting is [`Error::Config`]; a refusal, a failed
+/// handshake or login is [`Error::Postgres`] with the driver's error. Only
+/// the TCP connect of each host is bounded (by the connect timeout), as
+/// in the pool: bound the whole call with the caller's own deadline.
+pub async fn connect_one(config: &Config) -> Result<tokio_postgres::Client, Error> {
+    let tls = crate::tls::connector(config.tls())?;
+    let shared = Shared::for_config(config);
+    let connector = SessionConnector::new(config, tls, shared);
+    let (client, _task) = connector
+        .connect(config.postgres())
+        .await
+        .map_err(Error::Postgres)?;
+    Ok(client)
+}
+
+/// Each host of `config`'s URL as a configuration of its own, whatever its
+/// role (`target_session_attrs=any`), so that a report can look at every
+/// host (`pgsession doctor` on a multi-host URL: which is the primary, how
+/// far behind the standbys are). A single-host URL gives itself.
+pub fn each_host(config: &Config) -> Vec<Config> {
+    if config.per_host.is_empty() {
+        return vec![config.clone()];
+    }
+    config
+        .per_host
+        .iter()
+        .map(|one| {
+            let mut single = config.clone();
+            single.pg = one.clone();
+            single
+                .pg
+                .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::Any);
+            single.per_host.clear();
+            single
+        })
+        .collect()
+}
+
 /// Opens connections for the pool.
 #[derive(Clone)]
 struct SessionConnector {
@@ -894,6 +931,25 @@ impl Connect for SessionConnector {
 }
 
 impl SessionConnector {
+    fn new(config: &Config, tls: MakeRustlsConnect, shared: Arc<Shared>) -> SessionConnector {
+        let mut options = config
+            .postgres()
+            .get_options()
+            .unwrap_or_default()
+            .to_owned();
+        options.push_str(&format!(
+            " -c TimeZone=UTC -c statement_timeout={} -c {OPTIONS_MARKER}=on",
+            config.statement_timeout().as_millis()
+        ));
+        SessionConnector {
+            tls,
+            shared,
+            options: options.trim().to_owned(),
+            hosts: config.per_host.clone(),
+            connect_timeout: config.connect_timeout(),
+        }
+    }
+
     /// A pooler may let startup options through and ignore them (PgBouncer
     /// with `ignore_startup_parameters = options`); PostgreSQL itself always
     /// applies them. A marker setting tells the two apart: when it is

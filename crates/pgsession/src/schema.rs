@@ -80,6 +80,17 @@ impl fmt::Display for Identifier {
     }
 }
 
+/// `schema.table`, each part quoted: the table as every statement names it.
+///
+/// ```
+/// use pgsession::Identifier;
+/// let name = pgsession::schema::qualified(&Identifier::new("auth").unwrap(), &Identifier::new("Sess").unwrap());
+/// assert_eq!(name, "\"auth\".\"Sess\"");
+/// ```
+pub fn qualified(schema: &Identifier, table: &Identifier) -> String {
+    format!("{}.{}", schema.quoted(), table.quoted())
+}
+
 /// The current time in UTC as a `timestamp` (no time zone), on the server.
 const NOW_UTC: &str = "(now() AT TIME ZONE 'UTC')";
 
@@ -113,6 +124,19 @@ pub(crate) const SERVER_FREE: &str = "\
             - (SELECT count(*) FROM clients) \
     )::int FROM me, db";
 
+/// The server's version and the settings of the connection (`Store::server_info`).
+pub(crate) const SERVER_INFO: &str = "SELECT version(), current_setting('TimeZone'), \
+     current_setting('statement_timeout'), pg_is_in_recovery(), pg_backend_pid()";
+
+/// The prune's session-scoped leader lock (`$1`: the key), held over all
+/// its batches on a direct connection.
+pub(crate) const PRUNE_TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext($1))";
+/// Releases [`PRUNE_TRY_LOCK`].
+pub(crate) const PRUNE_UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext($1))";
+/// The prune's lock behind a transaction pooler, where session locks do
+/// not hold: taken again by each batch's transaction.
+pub(crate) const PRUNE_TRY_XACT_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext($1))";
+
 /// Every statement the store sends, built once from the table's name.
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
@@ -135,7 +159,7 @@ pub(crate) struct Statements {
     pub(crate) clear: String,
     pub(crate) prune_batch: String,
     /// Write-back of a save: only if the row holds one of the documents
-    /// (SHA-256, hex) it was based on.
+    /// it was based on (SHA-256 in hex, or its first 16 hex digits).
     pub(crate) writeback_update: String,
     /// Write-back of a touch: never shortens an expiry set meanwhile, and
     /// never brings back a destroyed session.
@@ -159,7 +183,7 @@ pub(crate) struct Statements {
 
 impl Statements {
     pub(crate) fn new(schema: &Identifier, table: &Identifier) -> Statements {
-        let t = format!("{}.{}", schema.quoted(), table.quoted());
+        let t = qualified(schema, table);
         // connect-pg-simple's table.sql names its index IDX_session_expire
         // for the table "session"; following its pattern means an existing
         // table never gets a second index.
@@ -203,7 +227,8 @@ impl Statements {
             ),
             writeback_update: format!(
                 "UPDATE {t} SET sess = $2::text::json, expire = $3 \
-                 WHERE sid = $1 AND {DOC_DIGEST} = ANY($4::text[])"
+                 WHERE sid = $1 AND ({DOC_DIGEST} = ANY($4::text[]) \
+                 OR left({DOC_DIGEST}, 16) = ANY($4::text[]))"
             ),
             writeback_touch: format!(
                 "UPDATE {t} SET expire = GREATEST(expire, $2) WHERE sid = $1"
@@ -284,5 +309,118 @@ mod tests {
         assert_eq!(s.qualified, "\"auth\".\"Sess\"");
         assert!(s.load.contains("FROM \"auth\".\"Sess\" WHERE sid = $1"));
         assert!(s.create_index.contains("\"IDX_Sess_expire\""));
+    }
+}
+
+// ---------------------------------------------------------------------
+// The read-only checks of `pgsession doctor`. Appended here so that every
+// statement lives in this file; they reuse the store's own statements where
+// one exists (the table found by `to_regclass`, live sessions
+// `expire >= now`), so that doctor and the store cannot disagree.
+// ---------------------------------------------------------------------
+
+/// The catalog and replication queries of `pgsession doctor`: nothing here
+/// writes. Parameters are said for each; `$1` of the table queries is
+/// [`DoctorQueries::qualified`].
+///
+/// ```
+/// use pgsession::{DoctorQueries, Identifier};
+/// let q = DoctorQueries::new(&Identifier::new("public").unwrap(), &Identifier::new("s").unwrap());
+/// assert_eq!(q.qualified, "\"public\".\"s\"");
+/// assert!(q.live.contains(">="));
+/// ```
+#[derive(Debug, Clone)]
+pub struct DoctorQueries {
+    /// `schema.table`, quoted: `$1` of the table queries.
+    pub qualified: String,
+    /// Whether the table exists, as the store asks (`$1`: qualified).
+    pub table_exists: String,
+    /// Whether this user may create the table: in its schema if that
+    /// exists, else the schema itself in the database (`$1`: the schema).
+    pub can_create: String,
+    /// Up to five other tables that may hold the sessions: of the same
+    /// name in another schema, or connect-pg-simple's `session` (`$1`: the
+    /// table's name).
+    pub elsewhere: String,
+    /// The table's columns, `(name, type)` in order (`$1`: qualified).
+    pub columns: String,
+    /// The name of an index led by `expire`, if any (`$1`: qualified).
+    pub expire_index: String,
+    /// Whether this user may read and write the table (`$1`: qualified).
+    pub rights: String,
+    /// Live sessions, as the store counts them.
+    pub live: String,
+    /// Expired sessions not yet pruned, as the store counts them.
+    pub expired: String,
+    /// `server_version`, `server_version_num`, `version()`.
+    pub version: String,
+    /// One round trip that reads nothing (simple protocol).
+    pub round_trip: String,
+    /// PgBouncer's setting, which PostgreSQL does not know (simple
+    /// protocol): an answer means a pooler is in between.
+    pub pool_mode: String,
+    /// The server process of this connection: two different answers on
+    /// one connection mean a transaction pooler.
+    pub backend_pid: String,
+    /// Whether the server is a standby (`pg_is_in_recovery()`).
+    pub in_recovery: String,
+    /// On a standby: the replay lag in seconds (NULL before the first
+    /// replayed transaction), the received and replayed WAL positions
+    /// (text, NULL when unknown), and the bytes received but not replayed.
+    pub standby_lag: String,
+    /// On a primary: one row per standby, `(application_name, client
+    /// address, state, sync_state, replay_lag in seconds (NULL when idle),
+    /// bytes sent but not yet replayed)`.
+    pub primary_lag: String,
+}
+
+impl DoctorQueries {
+    /// The queries for the table `schema.table`.
+    pub fn new(schema: &Identifier, table: &Identifier) -> DoctorQueries {
+        let store = Statements::new(schema, table);
+        DoctorQueries {
+            table_exists: store.table_exists,
+            can_create: "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) \
+                 THEN has_schema_privilege($1, 'CREATE') \
+                 ELSE has_database_privilege(current_database(), 'CREATE') END"
+                .into(),
+            elsewhere: "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p') AND (c.relname = $1 OR c.relname = 'session') \
+                 AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1 LIMIT 5"
+                .into(),
+            columns: "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+                 WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped \
+                 ORDER BY attnum"
+                .into(),
+            expire_index: "SELECT i.indexrelid::regclass::text FROM pg_index i \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                 WHERE i.indrelid = to_regclass($1) AND a.attname = 'expire' LIMIT 1"
+                .into(),
+            rights: "SELECT has_table_privilege(to_regclass($1), 'SELECT, INSERT, UPDATE, DELETE')"
+                .into(),
+            live: store.count,
+            expired: store.count_expired,
+            version: "SELECT current_setting('server_version'), \
+                 current_setting('server_version_num')::int, version()"
+                .into(),
+            round_trip: "SELECT 1".into(),
+            pool_mode: "SHOW pool_mode".into(),
+            backend_pid: "SELECT pg_backend_pid()".into(),
+            in_recovery: "SELECT pg_is_in_recovery()".into(),
+            standby_lag:
+                "SELECT extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, \
+                 pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, \
+                 pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::float8"
+                    .into(),
+            primary_lag:
+                "SELECT coalesce(application_name, ''), coalesce(host(client_addr), 'local'), \
+                 coalesce(state, ''), coalesce(sync_state, ''), \
+                 extract(epoch FROM replay_lag)::float8, \
+                 pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::float8 \
+                 FROM pg_stat_replication ORDER BY application_name"
+                    .into(),
+            qualified: store.qualified,
+        }
     }
 }

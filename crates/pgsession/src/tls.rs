@@ -6,8 +6,15 @@
 //! checking, as libpq does. Skipping verification anywhere takes
 //! [`ConfigBuilder::danger_accept_invalid_certs`](crate::ConfigBuilder::danger_accept_invalid_certs),
 //! and every connection made that way logs a warning.
+//!
+//! The trusted roots are `sslrootcert`'s file, or else (no `sslrootcert`,
+//! or `sslrootcert=system`) the machine's own store, read with
+//! rustls-native-certs: `SSL_CERT_FILE` / `SSL_CERT_DIR` when set, else the
+//! system's bundle (on Debian `/etc/ssl/certs`, which `update-ca-certificates`
+//! writes). There is no compiled-in fallback: a machine with no certificates
+//! verifies nothing, as libpq does. SECURITY.md has the table of modes.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -50,8 +57,7 @@ pub fn client_config(
     tls: &TlsConfig,
     verifier: Arc<dyn ServerCertVerifier>,
 ) -> Result<ClientConfig, ConfigError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ConfigError::invalid("sslmode", e.to_string()))?
         .dangerous()
@@ -61,15 +67,25 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The one crypto provider of every TLS object here (ring), made once.
+///
+/// Passed explicitly rather than installed as the process default, so that
+/// an application that installs another one keeps it for its own clients.
+fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
 /// The check a certificate must pass under `tls`'s settings when it is
-/// verified: the chain to the trusted roots (`sslrootcert`, else the Mozilla
-/// roots), and the host name unless the mode is `verify-ca`. The pool uses
-/// it for `require`, `verify-ca` and `verify-full`; `pgsession doctor` uses
-/// it to say what verification would say under any mode.
+/// verified: the chain to the trusted roots (`sslrootcert`, else the
+/// machine's store), and the host name unless the mode is `verify-ca`. The
+/// pool uses it for `require`, `verify-ca` and `verify-full`; `pgsession
+/// doctor` uses it to say what verification would say under any mode.
 pub fn certificate_verifier(tls: &TlsConfig) -> Result<Arc<dyn ServerCertVerifier>, ConfigError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = Arc::new(root_store(tls)?);
-    let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| ConfigError::invalid("sslrootcert", e.to_string()))?;
     Ok(if tls.mode == SslMode::VerifyCa {
@@ -95,9 +111,52 @@ fn root_store(tls: &TlsConfig) -> Result<RootCertStore, ConfigError> {
                 return Err(bad("no usable certificate in the file".into()));
             }
         }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = match found.errors.first() {
+                    Some(e) => format!(": {e}"),
+                    None => String::new(),
+                };
+                return Err(ConfigError::invalid(
+                    "sslrootcert",
+                    format!(
+                        "this machine trusts no CA certificate (none found in SSL_CERT_FILE, \
+                         SSL_CERT_DIR or the system store{why}): install the ca-certificates \
+                         package, or set sslrootcert=/path/to/ca.pem"
+                    ),
+                ));
+            }
+        }
     }
     Ok(roots)
+}
+
+/// Where the roots of `tls` come from, for reports: the `sslrootcert` file,
+/// or the machine's store and the variable that points at it, if any.
+///
+/// ```
+/// let tls = pgsession::TlsConfig::default();
+/// assert!(pgsession::tls::trust_source(&tls).contains("this machine"));
+/// ```
+pub fn trust_source(tls: &TlsConfig) -> String {
+    if let Some(path) = &tls.root_cert {
+        return format!("sslrootcert {}", path.display());
+    }
+    // Either variable, when set, replaces the system's store.
+    let named: Vec<String> = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .into_iter()
+        .filter_map(|name| {
+            let value = std::env::var_os(name)?;
+            Some(format!("{name}={}", std::path::Path::new(&value).display()))
+        })
+        .collect();
+    if named.is_empty() {
+        "this machine's store (the system's CA bundle)".to_owned()
+    } else {
+        format!("this machine's store ({})", named.join(", "))
+    }
 }
 
 /// `verify-ca`: the chain must lead to a trusted CA; the name may differ.
@@ -160,7 +219,7 @@ pub struct HandshakeSignatures(Arc<CryptoProvider>);
 
 impl Default for HandshakeSignatures {
     fn default() -> Self {
-        HandshakeSignatures(Arc::new(rustls::crypto::ring::default_provider()))
+        HandshakeSignatures(provider())
     }
 }
 

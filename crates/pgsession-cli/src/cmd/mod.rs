@@ -63,5 +63,5 @@ pub(crate) async fn wait_ready(store: &Store) -> anyhow::Result<()> {
 
 /// `"schema"."table"`, as the store names its table.
 pub(crate) fn table_name(config: &pgsession::Config) -> String {
-    format!("{}.{}", config.schema().quoted(), config.table().quoted())
+    pgsession::schema::qualified(config.schema(), config.table())
 }

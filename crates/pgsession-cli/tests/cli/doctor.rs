@@ -2,13 +2,18 @@
 //! ok), a stopped one (exit 1, the TCP step fails with its hint), and one
 //! slow to accept connections behind the fault proxy (fails with the
 //! connect-timeout hint under a short connect timeout, passes under a long
-//! one and shows the slow step's time); and one behind PgBouncer.
+//! one and shows the slow step's time); one behind PgBouncer; one over
+//! TLS with SCRAM and `channel_binding=require` (doctor logs in as the pool
+//! does); and a primary with its streaming standby in one multi-host URL
+//! (each host's role and lag, in text and in JSON).
 
 use std::time::Duration;
 
-use pgsession_testkit::{FaultProxy, TestDb};
+use pgsession_testkit::{
+    ClusterOptions, FaultProxy, ReplicaPair, TestCluster, TestDb, STANDBY_NAME,
+};
 
-use crate::common::{run, test_db};
+use crate::common::{free_port, run, test_db};
 
 /// `pgsession ARGS` with `env`, off the runtime's threads, so that the
 /// fault proxy (which runs on this test's runtime) keeps forwarding.
@@ -70,6 +75,11 @@ fn seconds(line: &str) -> f64 {
     panic!("no time on {line:?}")
 }
 
+/// A slow-check threshold no step reaches on a loaded machine (a SCRAM
+/// login in a debug build can take a second), for tests whose verdicts
+/// must not depend on the clock.
+const UNHURRIED: (&str, &str) = ("PGSESSION_SLOW_CHECK_THRESHOLD", "10m");
+
 const STEPS: [&str; 10] = [
     "URL parsed",
     "name resolved",
@@ -92,7 +102,7 @@ async fn a_good_database_passes_every_step() {
     let url = db
         .url()
         .replacen("postgres://postgres@", "postgres://postgres:sw0rdfish@", 1);
-    let out = run(&["doctor"], &[("DATABASE_URL", &url)]);
+    let out = run(&["doctor"], &[("DATABASE_URL", &url), UNHURRIED]);
     let report = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{report}");
     for step in STEPS {
@@ -225,6 +235,210 @@ async fn behind_pgbouncer_the_mode_says_pooler() {
     assert_eq!(verdict(line(&report, "pool settings")), "warn", "{report}");
     assert!(
         hint(&report, "pool settings").contains("PGSESSION_QUERY_TIMEOUT"),
+        "{report}"
+    );
+}
+
+/// `channel_binding=require` against a server with TLS and scram-sha-256:
+/// the login must be SCRAM-SHA-256-PLUS, bound to the TLS channel, which
+/// only a login on the pool's own TLS connector can offer. Then the same
+/// without `sslrootcert`, the CA in the machine's store (`SSL_CERT_FILE`).
+#[tokio::test]
+async fn channel_binding_required_logs_in_as_the_pool_does() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA");
+    let server_key = KeyPair::generate().expect("server key");
+    let server_cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&server_key, &ca)
+        .expect("server certificate");
+    // The superuser by trust (to set up), the application by SCRAM over TLS only.
+    let hba = "local all all trust\n\
+               host all postgres 127.0.0.1/32 trust\n\
+               hostssl all app 127.0.0.1/32 scram-sha-256\n";
+    let cluster = TestCluster::start_with(ClusterOptions {
+        config: vec![
+            "ssl = on".into(),
+            "ssl_cert_file = 'server.crt'".into(),
+            "ssl_key_file = 'server.key'".into(),
+            "password_encryption = 'scram-sha-256'".into(),
+        ],
+        files: vec![
+            ("server.crt".into(), server_cert.pem().into_bytes(), 0o644),
+            (
+                "server.key".into(),
+                server_key.serialize_pem().into_bytes(),
+                0o600,
+            ),
+            ("pg_hba.conf".into(), hba.as_bytes().to_vec(), 0o600),
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("no throwaway PostgreSQL with TLS: {e}"));
+    let (admin, connection) =
+        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect as postgres");
+    tokio::spawn(connection);
+    for statement in [
+        "CREATE ROLE app LOGIN PASSWORD 'sw0rdfish'",
+        "CREATE DATABASE app OWNER app",
+    ] {
+        admin.batch_execute(statement).await.expect(statement);
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("CA file");
+    let url = format!(
+        "postgres://app:sw0rdfish@localhost:{}/app?sslmode=verify-full&sslrootcert={}\
+         &channel_binding=require",
+        cluster.port(),
+        ca_file.display()
+    );
+    // The store itself logs in this way (`migrate` runs the pool).
+    let migrated = run(&["migrate"], &[("DATABASE_URL", &url)]);
+    assert_eq!(
+        migrated.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let out = run(&["doctor"], &[("DATABASE_URL", &url), UNHURRIED]);
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    for step in STEPS {
+        assert_eq!(verdict(line(&report, step)), "ok", "{step}:\n{report}");
+    }
+    assert!(
+        line(&report, "TLS negotiated").contains("certificate verified")
+            && line(&report, "TLS negotiated").contains("by sslrootcert"),
+        "{report}"
+    );
+    assert!(!report.contains("sw0rdfish"), "{report}");
+
+    // Without sslrootcert, the CA installed in the machine's store (the
+    // bundle SSL_CERT_FILE names) is trusted, and the report says so.
+    let without_root = url.replace(&format!("&sslrootcert={}", ca_file.display()), "");
+    assert_ne!(without_root, url);
+    let out = run(
+        &["doctor"],
+        &[
+            ("DATABASE_URL", &without_root),
+            ("SSL_CERT_FILE", ca_file.to_str().expect("UTF-8 path")),
+            UNHURRIED,
+        ],
+    );
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(
+        line(&report, "TLS negotiated").contains("by this machine's store (SSL_CERT_FILE="),
+        "{report}"
+    );
+}
+
+/// A primary and its synchronous standby in one URL: the report names
+/// which host is which, and each one's lag, in text and in JSON.
+#[tokio::test]
+async fn a_multi_host_url_names_the_primary_and_the_standby_with_their_lag() {
+    let pair = ReplicaPair::start()
+        .await
+        .unwrap_or_else(|e| panic!("no primary and standby: {e}"));
+    let url = pair.url();
+    let migrated = run(&["migrate"], &[("DATABASE_URL", &url)]);
+    assert_eq!(migrated.status.code(), Some(0));
+    let primary = format!("127.0.0.1:{}/{}", pair.primary().port(), pair.database());
+    let standby = format!("127.0.0.1:{}/{}", pair.standby().port(), pair.database());
+
+    let out = run(&["doctor"], &[("DATABASE_URL", &url), UNHURRIED]);
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    let hosts = line(&report, "hosts");
+    assert_eq!(verdict(hosts), "ok", "{report}");
+    assert!(
+        hosts.contains(&format!("primary: {primary}; standby: {standby}")),
+        "{report}"
+    );
+    let described = |host: &str| {
+        report
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{host}  ")))
+            .unwrap_or_else(|| panic!("no line for {host} in\n{report}"))
+    };
+    assert!(
+        described(&primary).contains(&format!("primary; 1 standby: {STANDBY_NAME}"))
+            && described(&primary).contains("streaming, sync"),
+        "{report}"
+    );
+    assert!(
+        described(&standby).contains("standby; replay lag")
+            && described(&standby).contains("received "),
+        "{report}"
+    );
+
+    let out = run(&["doctor", "--json"], &[("DATABASE_URL", &url), UNHURRIED]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
+    assert_eq!(json["result"], "ok", "{json}");
+    let hosts = json["hosts"].as_array().expect("hosts");
+    assert_eq!(hosts.len(), 2, "{json}");
+    assert_eq!(hosts[0]["host"], primary.as_str(), "{json}");
+    assert_eq!(hosts[0]["role"], "primary", "{json}");
+    let replica = &hosts[0]["replicas"][0];
+    assert_eq!(replica["name"], STANDBY_NAME, "{json}");
+    assert_eq!(replica["sync_state"], "sync", "{json}");
+    assert!(replica["behind_bytes"].is_number(), "{json}");
+    assert_eq!(hosts[1]["host"], standby.as_str(), "{json}");
+    assert_eq!(hosts[1]["role"], "standby", "{json}");
+    let lag = &hosts[1]["standby"];
+    assert!(
+        lag["replayed_lsn"].is_string()
+            && lag["received_lsn"].is_string()
+            && lag["unreplayed_bytes"].is_number(),
+        "{json}"
+    );
+    assert!(
+        lag["replay_lag_seconds"].as_f64().is_some_and(|s| s >= 0.0),
+        "{json}"
+    );
+    let steps = json["steps"].as_array().expect("steps");
+    assert!(steps.iter().all(|s| s["verdict"] == "ok"), "{json}");
+}
+
+/// A multi-host URL whose first host is down: the pool goes on to the
+/// next, so does doctor's login; the first host's failure is a warning,
+/// and the hosts step names the host that does not answer.
+#[tokio::test]
+async fn a_first_host_down_is_a_warning_when_another_host_serves() {
+    let db = test_db().await;
+    run(&["migrate"], &[("DATABASE_URL", db.url())]);
+    let closed = free_port();
+    let url = db
+        .url()
+        .replacen("@127.0.0.1:", &format!("@127.0.0.1:{closed},127.0.0.1:"), 1);
+    assert_ne!(url, db.url(), "the test database is not at 127.0.0.1");
+    let out = run(&["doctor"], &[("DATABASE_URL", &url), UNHURRIED]);
+    let report = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert_eq!(verdict(line(&report, "TCP connected")), "warn", "{report}");
+    assert!(
+        hint(&report, "TCP connected").contains("goes on to the next host"),
+        "{report}"
+    );
+    assert_eq!(verdict(line(&report, "TLS negotiated")), "skip", "{report}");
+    for step in &STEPS[4..] {
+        assert_eq!(verdict(line(&report, step)), "ok", "{step}:\n{report}");
+    }
+    let hosts = line(&report, "hosts");
+    assert_eq!(verdict(hosts), "warn", "{report}");
+    assert!(
+        hosts.contains(&format!("unreachable: 127.0.0.1:{closed}/")),
         "{report}"
     );
 }

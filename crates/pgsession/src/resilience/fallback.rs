@@ -19,7 +19,9 @@ use std::sync::Mutex;
 use lru::LruCache;
 use time::OffsetDateTime;
 
-use super::journal::{digest, unix_ms_now, Base, Entry, Journal, JournalError, Pending, Ticket};
+use super::journal::{
+    digest, doc_prefix, unix_ms_now, Base, Entry, Journal, JournalError, Pending, Ticket,
+};
 use crate::record::StoredSession;
 
 /// What the fallback knows of a session.
@@ -69,7 +71,7 @@ pub(crate) struct Fallback {
 
 #[derive(Debug)]
 struct Inner {
-    cache: LruCache<String, StoredSession>,
+    cache: LruCache<String, Cached>,
     cache_bytes: usize,
     journal: HashMap<String, Live>,
     order: BTreeMap<u64, String>,
@@ -80,6 +82,32 @@ struct Inner {
     /// request got a 503): the row may hold one of them, which a later
     /// journaled write of the session must accept as its base.
     doubt: LruCache<String, Vec<String>>,
+}
+
+/// A cached session, with what the write-back may find in its row.
+#[derive(Debug)]
+struct Cached {
+    session: StoredSession,
+    /// [`doc_prefix`]es of this instance's own earlier documents of the
+    /// session, oldest first, since it last read one it had not written.
+    /// After a failover to an asynchronous replica the row may hold one of
+    /// them (the server lost the writes after it): a journaled write then
+    /// still lands, as it would have on the lost row, instead of being set
+    /// aside (see `Base`).
+    earlier: Vec<u64>,
+}
+
+/// Earlier documents remembered per cached session: the writes of one
+/// session that a failover to an asynchronous replica may lose (its
+/// replication lag), at most.
+const EARLIER_DOCS: usize = 32;
+
+/// Whether a document put in the cache is this instance's own write, or
+/// one it read (which may be another writer's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Own,
+    Read,
 }
 
 #[derive(Debug)]
@@ -103,8 +131,8 @@ enum Limit {
 /// forgotten, and a conflict is reported rather than a guess made.
 const DOUBT_CAPACITY: usize = 10_000;
 
-fn cost(sid: &str, session: &StoredSession) -> usize {
-    sid.len() + session.json.len() + 64
+fn cost(sid: &str, cached: &Cached) -> usize {
+    sid.len() + cached.session.json.len() + 64 + 8 * cached.earlier.len()
 }
 
 impl Fallback {
@@ -146,7 +174,7 @@ impl Fallback {
     /// Keeps a copy of a session read from, or written to, the database.
     pub(crate) fn remember(&self, sid: &str, session: StoredSession) {
         if self.settings.max_entries > 0 {
-            self.lock().put(sid, session, self.settings);
+            self.lock().put(sid, session, Origin::Read, self.settings);
         }
     }
 
@@ -166,7 +194,7 @@ impl Fallback {
     /// Moves the cached copy's expiry (a touch reached the database).
     pub(crate) fn retime(&self, sid: &str, expire: OffsetDateTime) {
         if let Some(cached) = self.lock().cache.get_mut(sid) {
-            cached.expire = expire;
+            cached.session.expire = expire;
         }
     }
 
@@ -209,14 +237,14 @@ impl Fallback {
                 let expire = *expire;
                 match inner.cache.get(sid) {
                     Some(cached) => Lookup::Pending(live(StoredSession {
-                        json: cached.json.clone(),
+                        json: cached.session.json.clone(),
                         expire,
                     })),
                     None => Lookup::Miss,
                 }
             }
             None if !cache => Lookup::Miss,
-            None => match inner.cache.get(sid).cloned() {
+            None => match inner.cache.get(sid).map(|c| c.session.clone()) {
                 Some(cached) if cached.expire >= now => Lookup::Cached(cached),
                 Some(_) => {
                     if let Some(old) = inner.cache.pop(sid) {
@@ -261,7 +289,12 @@ impl Fallback {
                 let mut base = match inner.cache.peek(sid) {
                     Some(cached) => Base {
                         absent: false,
-                        docs: vec![digest(&cached.json)],
+                        docs: cached
+                            .earlier
+                            .iter()
+                            .map(|prefix| format!("{prefix:016x}"))
+                            .chain([digest(&cached.session.json)])
+                            .collect(),
                     },
                     None => Base {
                         absent: true,
@@ -433,23 +466,48 @@ impl Inner {
     /// its copy in the cache.
     fn saved(&mut self, sid: &str, session: StoredSession, settings: FallbackSettings) {
         self.doubt.pop(sid);
-        self.put(sid, session, settings);
+        self.put(sid, session, Origin::Own, settings);
     }
 
-    /// Caches `session` (nothing with the cache off).
-    fn put(&mut self, sid: &str, session: StoredSession, settings: FallbackSettings) {
+    /// Caches `session` (nothing with the cache off). The document it
+    /// replaces joins the session's earlier documents if both are this
+    /// instance's; a document read that differs from the cached one may
+    /// be another writer's, and starts the history again.
+    fn put(
+        &mut self,
+        sid: &str,
+        session: StoredSession,
+        origin: Origin,
+        settings: FallbackSettings,
+    ) {
         if settings.max_entries == 0 {
             return;
         }
-        self.cache_bytes += cost(sid, &session);
         // A session already cached (the common case: every save of an
         // active one) is replaced in place, without a new key.
-        let old = match self.cache.get_mut(sid) {
-            Some(cached) => Some(std::mem::replace(cached, session)),
-            None => self.cache.put(sid.to_owned(), session),
-        };
-        if let Some(old) = old {
-            self.cache_bytes -= cost(sid, &old);
+        if let Some(cached) = self.cache.get_mut(sid) {
+            let before = cost(sid, cached);
+            if cached.session.json != session.json {
+                match origin {
+                    Origin::Own => {
+                        if cached.earlier.len() == EARLIER_DOCS {
+                            cached.earlier.remove(0);
+                        }
+                        cached.earlier.push(doc_prefix(&cached.session.json));
+                    }
+                    Origin::Read => cached.earlier.clear(),
+                }
+            }
+            cached.session = session;
+            let after = cost(sid, cached);
+            self.cache_bytes = self.cache_bytes + after - before;
+        } else {
+            let cached = Cached {
+                session,
+                earlier: Vec::new(),
+            };
+            self.cache_bytes += cost(sid, &cached);
+            self.cache.put(sid.to_owned(), cached);
         }
         while self.cache.len() > settings.max_entries || self.cache_bytes > settings.max_bytes {
             match self.cache.pop_lru() {
@@ -549,11 +607,11 @@ impl Inner {
         let write = self.journal[sid].entry.write.clone();
         match write {
             Pending::Save { json, expire } => {
-                self.put(sid, StoredSession { json, expire }, settings)
+                self.put(sid, StoredSession { json, expire }, Origin::Own, settings)
             }
             Pending::Touch { expire } => {
                 if let Some(cached) = self.cache.get_mut(sid) {
-                    cached.expire = expire;
+                    cached.session.expire = expire;
                 }
             }
             Pending::Destroy => {
@@ -725,6 +783,41 @@ mod tests {
         let (_, _, b) = f.oldest().unwrap();
         assert!(b.base.absent && b.base.docs == vec![digest("3")]);
         assert!(b.in_doubt_since.is_some());
+    }
+
+    #[test]
+    fn a_base_accepts_this_instances_earlier_documents_until_it_reads_another_writers() {
+        let prefix = |json: &str| digest(json)[..16].to_owned();
+        let (f, _d) = fallback(10, 10_000);
+        // Saves acknowledged by the database: after a failover to an
+        // asynchronous replica the row may hold any of them.
+        f.remember("a", session("0", 60));
+        for json in ["1", "2", "3"] {
+            f.saved("a", session(json, 60));
+        }
+        journal(&f, "a", save("4", now()));
+        let (seq, _, a) = f.oldest().unwrap();
+        assert_eq!(
+            a.base.docs,
+            vec![prefix("0"), prefix("1"), prefix("2"), digest("3")]
+        );
+        f.written_back(seq, "a");
+        // A document read that this instance did not write may be
+        // another writer's: nothing before it is accepted any more.
+        f.saved("b", session("1", 60));
+        f.saved("b", session("2", 60));
+        f.remember("b", session("theirs", 60));
+        journal(&f, "b", save("3", now()));
+        let (_, _, b) = f.oldest().unwrap();
+        assert_eq!(b.base.docs, vec![digest("theirs")]);
+        // At most EARLIER_DOCS are remembered, the oldest dropped first.
+        for n in 0..(EARLIER_DOCS + 5) {
+            f.saved("c", session(&n.to_string(), 60));
+        }
+        let inner = f.lock();
+        let earlier = &inner.cache.peek("c").unwrap().earlier;
+        assert_eq!(earlier.len(), EARLIER_DOCS);
+        assert_eq!(earlier[0], doc_prefix("4"));
     }
 
     #[test]

@@ -91,12 +91,33 @@ impl<R, T> Batcher<R, T> {
         F: Fn(Vec<R>, Instant) -> Fut,
         Fut: Future<Output = Vec<T>>,
     {
-        let (reply, mut answer) = oneshot::channel();
-        let ticket = {
+        let queued = {
             let mut state = self.lock();
-            state.queue.push((request, reply, Instant::now()));
             state.queued += 1;
-            state.queued
+            if state.running == 0 && state.queue.is_empty() {
+                // Nothing runs and nothing waits: no batch to join or to
+                // grow, so the request runs at once, without a queue entry,
+                // a reply channel or a yield (the lone caller's path, most
+                // requests on a lightly loaded instance).
+                state.running = 1;
+                state.taken = state.queued;
+                Err(request)
+            } else {
+                let (reply, answer) = oneshot::channel();
+                state.queue.push((request, reply, Instant::now()));
+                Ok((state.queued, answer))
+            }
+        };
+        let (ticket, mut answer) = match queued {
+            Ok(queued) => queued,
+            Err(request) => {
+                let _slot = Running(self);
+                let results = Box::pin(run(vec![request], Instant::now())).await;
+                return results
+                    .into_iter()
+                    .next()
+                    .map_or(Submitted::RunAlone, Submitted::Done);
+            }
         };
         let deadline = tokio::time::sleep_until(wait_until);
         tokio::pin!(deadline);
@@ -248,6 +269,56 @@ mod tests {
             .await;
         assert_eq!(result, Submitted::Done(14));
         assert_eq!(*sizes.lock().unwrap(), vec![1]);
+        let state = batcher.lock();
+        assert_eq!(state.running, 0, "the slot is given back");
+        assert_eq!(state.taken, state.queued, "no request is left queued");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_arriving_while_a_batch_runs_joins_the_next_one() {
+        let batcher = Arc::new(Batcher::new(1));
+        let (started, wait_started) = oneshot::channel();
+        let (release, released) = oneshot::channel::<()>();
+        let hooks = Arc::new(Mutex::new(Some((started, released))));
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let run = {
+            let (hooks, sizes) = (hooks.clone(), sizes.clone());
+            move |batch: Vec<i32>, _| {
+                sizes.lock().unwrap().push(batch.len());
+                let hooks = hooks.lock().unwrap().take();
+                async move {
+                    if let Some((started, released)) = hooks {
+                        let _ = started.send(());
+                        let _ = released.await;
+                    }
+                    batch
+                }
+            }
+        };
+        let first = tokio::spawn({
+            let (batcher, run) = (batcher.clone(), run.clone());
+            async move { batcher.submit(1, far(), run).await }
+        });
+        let _ = wait_started.await;
+        let later: Vec<_> = (2..5)
+            .map(|i| {
+                let (batcher, run) = (batcher.clone(), run.clone());
+                tokio::spawn(async move { batcher.submit(i, far(), run).await })
+            })
+            .collect();
+        while batcher.lock().queue.len() < 3 {
+            tokio::task::yield_now().await;
+        }
+        let _ = release.send(());
+        assert_eq!(first.await.unwrap(), Submitted::Done(1));
+        for (i, call) in (2..5).zip(later) {
+            assert_eq!(call.await.unwrap(), Submitted::Done(i));
+        }
+        assert_eq!(
+            *sizes.lock().unwrap(),
+            vec![1, 3],
+            "the queued callers shared one batch"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

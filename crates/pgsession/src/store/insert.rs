@@ -20,11 +20,11 @@
 use std::time::Instant;
 
 use time::OffsetDateTime;
-use tokio_postgres::types::Type;
 
-use super::{record_op, refusal, to_timestamp, Outcome, Store};
+use super::guard::on_conn;
+use super::recovery::refusal;
+use super::{record_op, Outcome, Store};
 use crate::error::Error;
-use crate::pool::Params;
 use crate::record::StoredSession;
 use crate::resilience::fallback::{Journaled, Lookup, Refused};
 use crate::resilience::journal::{Pending, Ticket};
@@ -66,7 +66,7 @@ impl Store {
                             json: json.to_owned(),
                             expire,
                         };
-                        self.inner.fallback.saved(sid, session);
+                        self.inner.recovery.fallback.saved(sid, session);
                     }
                     (Ok(inserted), Outcome::Ok)
                 }
@@ -90,7 +90,7 @@ impl Store {
     ) -> (Result<bool, Error>, Outcome) {
         let in_doubt = error.is_transient();
         if in_doubt {
-            self.mark_in_doubt();
+            self.inner.recovery.mark_in_doubt();
         }
         let sent = Some(json).filter(|_| in_doubt);
         if error.is_outage() {
@@ -98,7 +98,7 @@ impl Store {
             return self.journaled(journal, error).await;
         }
         if let Some(json) = sent {
-            self.inner.fallback.in_doubt(sid, json);
+            self.inner.recovery.fallback.in_doubt(sid, json);
         }
         (Err(error), Outcome::Error)
     }
@@ -113,8 +113,8 @@ impl Store {
         sent: Option<&str>,
         away: bool,
     ) -> Journal {
-        let fallback = &self.inner.fallback;
-        let breaker = &self.inner.breaker;
+        let fallback = &self.inner.recovery.fallback;
+        let breaker = &self.inner.recovery.breaker;
         // Read again under the journal's lock, as `write` does.
         let away = || away || !breaker.is_closed();
         // A cached session is a live one. (A journaled one is checked below,
@@ -161,18 +161,13 @@ impl Store {
         json: &str,
         expire: OffsetDateTime,
     ) -> Result<bool, Error> {
-        let expire = to_timestamp(expire);
-        let sql = &self.inner.sql.insert;
-        let deadline = self.inner.config.query_timeout();
-        self.run_db("insert", deadline, false, |conn| async move {
-            let params: &Params = &[
-                (&sid, Type::VARCHAR),
-                (&json, Type::TEXT),
-                (&expire, Type::TIMESTAMP),
-            ];
-            let result = async { Ok(conn.execute(sql, params).await? == 1) }.await;
-            (conn, result)
-        })
+        let db = &self.inner.db;
+        self.run_db(
+            "insert",
+            self.deadline(),
+            false,
+            on_conn!(|conn| db.insert(conn, sid, json, expire)),
+        )
         .await
     }
 }

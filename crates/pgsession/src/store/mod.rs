@@ -1,14 +1,23 @@
 //! The store engine: the session operations, each going to PostgreSQL when
-//! it can and to the fallback when it cannot.
+//! it can and to the fallback when it cannot. [`Store`] is two parts and
+//! the routing between them:
 //!
-//! - [`db`]: one operation on the database, retried within its deadline,
-//!   counted by the circuit breaker; the table's creation.
-//! - [`background`]: start-up, pool upkeep, health checks, and the
-//!   recovery that probes the database while the breaker is open.
+//! - [`database`]: the database part, what is said to PostgreSQL and on
+//!   which connection (pool, statements, table creation, batchers);
+//! - [`recovery`]: the recovery part, what is done while the database is
+//!   away (breaker, fallback and journal, adoption of dead stores'
+//!   journals), and the task that probes and closes the breaker;
+//!
+//! and, around them:
+//!
+//! - [`guard`]: one operation on the database, guarded (breaker, retries
+//!   within the deadline, health evidence, configuration errors);
+//! - [`batch`]: concurrent loads and saves combined into one statement;
 //! - [`writeback`]: the journal written back, each write conditional on
-//!   the row it was based on; conflicts set aside as dead letters.
+//!   the row it was based on; conflicts set aside as dead letters;
+//! - [`upkeep`]: start-up, pool upkeep, health checks;
 //! - [`insert`]: a new session only if its id is free (tower-sessions'
-//!   `create`).
+//!   `create`);
 //! - [`prune`]: deleting expired rows.
 //!
 //! The rule of every write: its `Ok` means committed in PostgreSQL, or
@@ -17,18 +26,19 @@
 //! [`Error::is_outage`] says so); busy (a saturated pool, a slow statement,
 //! the server's connection limit) it fails with a transient error, a 503.
 
-mod background;
 mod batch;
-mod db;
+mod database;
+mod guard;
 mod insert;
 mod prune;
+mod recovery;
+mod upkeep;
 mod writeback;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
-use tokio::sync::OnceCell;
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 pub use prune::PruneOutcome;
@@ -36,12 +46,14 @@ pub use prune::PruneOutcome;
 use crate::config::Config;
 use crate::error::Error;
 use crate::health::{Event, Events, HealthStatus, StoreHealth};
-use crate::pool::{PoolStatus, SessionPool};
+use crate::pool::PoolStatus;
 use crate::record::StoredSession;
-use crate::resilience::breaker::{Breaker, BreakerSettings, BreakerState, Transition};
-use crate::resilience::fallback::{Fallback, FallbackSettings, Journaled, Lookup, Refused};
-use crate::resilience::journal::{Journal, Opened, Pending};
-use crate::schema::Statements;
+use crate::resilience::breaker::BreakerState;
+use crate::resilience::fallback::{Journaled, Lookup};
+use crate::resilience::journal::Pending;
+use database::Database;
+use guard::on_conn;
+use recovery::{refusal, Recovery};
 
 /// What the server says about a pool connection: the settings in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,34 +104,27 @@ pub struct Store {
 #[derive(Debug)]
 struct Inner {
     config: Config,
-    pool: SessionPool,
-    sql: Statements,
-    /// Set once the table is known to exist. Failures are never stored.
-    schema_ready: OnceCell<()>,
+    /// What is said to PostgreSQL, and on which connection.
+    db: Database,
+    /// What is done while the database is away.
+    recovery: Recovery,
+    /// The health timeline: breaker moves, checks, write-backs, conflicts.
+    events: Events,
+    /// A configuration error the database reported, until an operation
+    /// succeeds again (for `/health`, and to log it once).
+    config_problem: crate::health::ConfigProblem,
+    life: Lifecycle,
+}
+
+/// The store's own life: start-up, background tasks, close.
+#[derive(Debug)]
+struct Lifecycle {
     /// The start-up sequence's outcome, for [`Store::wait_ready`].
     startup: tokio::sync::watch::Sender<Startup>,
-    breaker: Breaker,
-    fallback: Fallback,
-    /// Concurrent loads and saves, combined into one statement each.
-    loads: batch::Batcher<String, Option<Result<Option<StoredSession>, Error>>>,
-    saves: batch::Batcher<(String, String, OffsetDateTime), Option<Result<(), Error>>>,
-    events: Events,
-    /// The latest moment (Unix ms) a write statement went unanswered: it
-    /// may still commit, so the write-back first waits it out.
-    in_doubt_since: Mutex<Option<i64>>,
-    /// Write-back conflicts since start.
-    conflicts: AtomicU64,
-    /// Dead letters in the journal directory (read at start, then counted).
-    dead_letters: AtomicU64,
     /// Stops the background tasks.
     shutdown: CancellationToken,
     /// Set at the end of [`Store::close`]: operations are refused.
     closed: AtomicBool,
-    /// Connections the server would still accept (`usize::MAX`: unknown).
-    server_free: std::sync::atomic::AtomicUsize,
-    /// A configuration error the database reported, until an operation
-    /// succeeds again (for `/health`, and to log it once).
-    config_problem: crate::health::ConfigProblem,
     tasks: tokio_util::task::TaskTracker,
 }
 
@@ -152,55 +157,25 @@ impl Store {
     ///
     /// Must be called inside a Tokio runtime.
     pub fn new(config: Config) -> Result<Store, Error> {
-        let pool = SessionPool::new(&config)?;
-        let sql = Statements::new(config.schema(), config.table());
-        let (journal, adopted, found) = match open_journal(&config, &sql.lock_name)? {
-            Some(opened) => (Some(opened.journal), opened.adopted, opened.found),
-            None => (None, Vec::new(), Vec::new()),
-        };
-        let breaker = Breaker::new(BreakerSettings {
-            threshold: config.breaker_threshold(),
-            cool_down: config.breaker_cool_down(),
-            max_cool_down: config.breaker_max_cool_down(),
-        });
-        let fallback = Fallback::new(
-            FallbackSettings {
-                max_entries: config.cache_max_entries(),
-                max_bytes: config.cache_max_bytes(),
-            },
-            journal,
-        );
-        let batch_limit = config.pool_max_size();
-        // Fewer save batches at once make each one larger: a multi-row
-        // upsert costs little more than a single-row one (measured in
-        // BENCHMARKS.md: 1.35x pgbench at 32 callers with one batch per
-        // connection, 1.9x with half as many).
-        let save_batches = (config.pool_size() / 2).max(1);
+        let db = Database::new(&config)?;
+        let (recovery, adopted) = Recovery::new(&config, &db.sql.lock_name)?;
         let store = Store {
             inner: Arc::new(Inner {
                 config,
-                pool,
-                sql,
-                schema_ready: OnceCell::new(),
-                startup: tokio::sync::watch::Sender::new(Startup::Starting),
-                breaker,
-                fallback,
-                loads: batch::Batcher::new(batch_limit),
-                saves: batch::Batcher::new(save_batches),
+                db,
+                recovery,
                 events: Events::default(),
-                in_doubt_since: Mutex::new(None),
-                conflicts: AtomicU64::new(0),
-                dead_letters: AtomicU64::new(0),
-                shutdown: CancellationToken::new(),
-                closed: AtomicBool::new(false),
-                server_free: std::sync::atomic::AtomicUsize::new(usize::MAX),
                 config_problem: Default::default(),
-                tasks: tokio_util::task::TaskTracker::new(),
+                life: Lifecycle {
+                    startup: tokio::sync::watch::Sender::new(Startup::Starting),
+                    shutdown: CancellationToken::new(),
+                    closed: AtomicBool::new(false),
+                    tasks: tokio_util::task::TaskTracker::new(),
+                },
             }),
         };
         metrics::gauge!(crate::metrics::BREAKER_STATE).set(BreakerState::Closed.gauge());
-        store.count_dead_letters();
-        store.take_adopted(adopted, found);
+        store.take_adopted(adopted);
         store.spawn(Self::initialize_in_background);
         store.spawn(Self::upkeep);
         store.spawn(Self::recover);
@@ -218,7 +193,7 @@ impl Store {
 
     /// Whether the table is known to exist, i.e. start-up is complete.
     pub fn is_ready(&self) -> bool {
-        self.inner.schema_ready.initialized()
+        self.inner.db.is_ready()
     }
 
     /// Waits until the store is ready, making one attempt itself if none is
@@ -251,9 +226,9 @@ impl Store {
     /// # Ok(()) }
     /// ```
     pub async fn wait_ready(&self) -> Result<(), Error> {
-        let mut startup = self.inner.startup.subscribe();
+        let mut startup = self.inner.life.startup.subscribe();
         let settled = tokio::select! {
-            () = self.inner.shutdown.cancelled() => return Err(Error::StoreClosed),
+            () = self.inner.life.shutdown.cancelled() => return Err(Error::StoreClosed),
             settled = startup.wait_for(|s| *s != Startup::Starting) => settled.map(|s| *s),
         };
         match settled {
@@ -264,28 +239,28 @@ impl Store {
 
     /// The pool's figures now.
     pub fn pool_status(&self) -> PoolStatus {
-        self.inner.pool.status()
+        self.inner.db.pool.status()
     }
 
     /// The circuit breaker's position now.
     pub fn breaker_state(&self) -> BreakerState {
-        self.inner.breaker.state()
+        self.inner.recovery.breaker.state()
     }
 
     /// Sessions with writes waiting in the journal.
     pub fn journal_len(&self) -> usize {
-        self.inner.fallback.journal_len()
+        self.inner.recovery.fallback.journal_len()
     }
 
     /// Bytes the journal's waiting writes take on disk.
     pub fn journal_bytes(&self) -> u64 {
-        self.inner.fallback.journal_bytes()
+        self.inner.recovery.fallback.journal_bytes()
     }
 
     /// Whether connections carry the server-side statement timeout (false
     /// when the server refused startup options, as poolers do).
     pub fn server_statement_timeout(&self) -> bool {
-        self.inner.pool.uses_startup_options()
+        self.inner.db.pool.uses_startup_options()
     }
 
     /// The facts behind `/health`.
@@ -294,7 +269,7 @@ impl Store {
         let last_check = self.inner.events.last_check();
         let ready = self.is_ready();
         let config_error = self.inner.config_problem.get();
-        let status = if self.inner.closed.load(Ordering::Acquire) {
+        let status = if self.is_closed() {
             HealthStatus::Down
         } else if ready
             && breaker == BreakerState::Closed
@@ -311,7 +286,7 @@ impl Store {
             breaker,
             pool: self.pool_status(),
             last_check,
-            journal: self.journal_health(),
+            journal: self.inner.recovery.journal_health(&self.inner.config),
             config_error,
         }
     }
@@ -345,30 +320,12 @@ impl Store {
     /// Asks the server, through the pool, for its version and the settings
     /// of the connection (for `doctor` and for tests).
     pub async fn server_info(&self) -> Result<ServerInfo, Error> {
+        let db = &self.inner.db;
         self.run_db(
             "info",
-            self.inner.config.query_timeout(),
+            self.deadline(),
             false,
-            |conn| async move {
-                let result = async {
-                    let row = conn
-                        .query_one(
-                            "SELECT version(), current_setting('TimeZone'), \
-                         current_setting('statement_timeout'), pg_is_in_recovery(), pg_backend_pid()",
-                            &[],
-                        )
-                        .await?;
-                    Ok(ServerInfo {
-                        version: row.get(0),
-                        time_zone: row.get(1),
-                        statement_timeout: row.get(2),
-                        in_recovery: row.get(3),
-                    backend_pid: row.get(4),
-                    })
-                }
-                .await;
-                (conn, result)
-            },
+            on_conn!(|conn| db.server_info(conn)),
         )
         .await
     }
@@ -379,10 +336,10 @@ impl Store {
     pub async fn load(&self, sid: &str) -> Result<Option<StoredSession>, Error> {
         let started = std::time::Instant::now();
         let now = OffsetDateTime::now_utc();
-        let fallback = &self.inner.fallback;
+        let fallback = &self.inner.recovery.fallback;
         // With the breaker closed only the journal matters: a cached copy
         // is not served, so it is not copied either.
-        let closed = self.inner.breaker.is_closed();
+        let closed = self.inner.recovery.breaker.is_closed();
         let known = if closed || !fallback.is_on() {
             fallback.lookup_pending(sid, now)
         } else {
@@ -448,7 +405,7 @@ impl Store {
             )
             .await?;
         if done.is_some() {
-            self.inner.fallback.saved(
+            self.inner.recovery.fallback.saved(
                 sid,
                 StoredSession {
                     json: json.to_owned(),
@@ -464,11 +421,17 @@ impl Store {
     pub async fn touch(&self, sid: &str, expire: OffsetDateTime) -> Result<bool, Error> {
         let write = || Pending::Touch { expire };
         match self
-            .write("touch", sid, write, None, self.db_touch(sid, expire))
+            .write(
+                "touch",
+                sid,
+                write,
+                None,
+                self.db_touch_with(sid, expire, self.deadline(), false),
+            )
             .await?
         {
             Some(existed) => {
-                self.inner.fallback.retime(sid, expire);
+                self.inner.recovery.fallback.retime(sid, expire);
                 Ok(existed)
             }
             None => Ok(true),
@@ -485,11 +448,11 @@ impl Store {
                 sid,
                 || Pending::Destroy,
                 None,
-                self.db_destroy(sid),
+                self.db_destroy_with(sid, self.deadline(), false),
             )
             .await?;
         if done.is_some() {
-            self.inner.fallback.forget(sid);
+            self.inner.recovery.fallback.forget(sid);
         }
         Ok(())
     }
@@ -508,8 +471,8 @@ impl Store {
         direct: impl std::future::Future<Output = Result<T, Error>>,
     ) -> Result<Option<T>, Error> {
         let started = std::time::Instant::now();
-        let breaker = &self.inner.breaker;
-        let fallback = &self.inner.fallback;
+        let breaker = &self.inner.recovery.breaker;
+        let fallback = &self.inner.recovery.fallback;
         let first = fallback.journal_if(sid, &journal_entry, None, |pending| {
             pending || !breaker.is_closed()
         });
@@ -527,7 +490,7 @@ impl Store {
                     // safe: the row holds it only if this write landed.
                     let in_doubt = e.is_transient();
                     if in_doubt {
-                        self.mark_in_doubt();
+                        self.inner.recovery.mark_in_doubt();
                     }
                     let in_doubt = sent.filter(|_| in_doubt);
                     if e.is_outage() {
@@ -558,60 +521,41 @@ impl Store {
         &self,
         ticket: crate::resilience::journal::Ticket,
     ) -> (Result<Option<T>, Error>, Outcome) {
-        match self.inner.fallback.durable(ticket).await {
+        match self.inner.recovery.fallback.durable(ticket).await {
             Ok(()) => (Ok(None), Outcome::Fallback),
             Err(refused) => (Err(refusal(refused, Error::Unavailable)), Outcome::Error),
         }
     }
 
-    /// Notes that a write statement went unanswered now.
-    fn mark_in_doubt(&self) {
-        let now = crate::resilience::journal::unix_ms_now();
-        let mut since = self
-            .inner
-            .in_doubt_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *since = Some(since.map_or(now, |t| t.max(now)));
-    }
-
     /// Counts unexpired sessions.
     pub async fn count(&self) -> Result<u64, Error> {
-        self.count_with(&self.inner.sql.count).await
+        self.count_rows(false).await
     }
 
     /// Counts expired sessions still in the table (what a prune would delete).
     pub async fn count_expired(&self) -> Result<u64, Error> {
-        self.count_with(&self.inner.sql.count_expired).await
+        self.count_rows(true).await
     }
 
-    async fn count_with(&self, sql: &str) -> Result<u64, Error> {
+    async fn count_rows(&self, expired: bool) -> Result<u64, Error> {
+        let db = &self.inner.db;
         self.run_db(
             "count",
-            self.inner.config.query_timeout(),
+            self.deadline(),
             false,
-            |conn| async move {
-                let result = async {
-                    let n: i64 = conn.query_one(sql, &[]).await?.get(0);
-                    Ok(n.max(0) as u64)
-                }
-                .await;
-                (conn, result)
-            },
+            on_conn!(|conn| db.count(conn, expired)),
         )
         .await
     }
 
     /// Deletes every session. Returns how many rows were deleted.
     pub async fn clear(&self) -> Result<u64, Error> {
+        let db = &self.inner.db;
         self.run_db(
             "clear",
-            self.inner.config.query_timeout(),
+            self.deadline(),
             false,
-            |conn| async move {
-                let result = async { Ok(conn.execute(&self.inner.sql.clear, &[]).await?) }.await;
-                (conn, result)
-            },
+            on_conn!(|conn| db.clear(conn)),
         )
         .await
     }
@@ -620,12 +564,18 @@ impl Store {
     /// answers, else spools it to disk, and closes the pool. Operations
     /// after this fail with [`Error::StoreClosed`].
     pub async fn close(&self) {
-        self.inner.shutdown.cancel();
-        self.inner.tasks.close();
-        self.inner.tasks.wait().await;
+        let life = &self.inner.life;
+        life.shutdown.cancel();
+        life.tasks.close();
+        life.tasks.wait().await;
         self.flush_at_close().await;
-        self.inner.closed.store(true, Ordering::Release);
-        self.inner.pool.close();
+        life.closed.store(true, Ordering::Release);
+        self.inner.db.pool.close();
+    }
+
+    /// Whether [`Store::close`] has ended.
+    fn is_closed(&self) -> bool {
+        self.inner.life.closed.load(Ordering::Acquire)
     }
 
     fn spawn<F, Fut>(&self, task: F)
@@ -634,74 +584,7 @@ impl Store {
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         // Tasks hold a clone of the store; they end when `shutdown` fires.
-        self.inner.tasks.spawn(task(self.clone()));
-    }
-
-    /// Logs, counts and shows a move of the breaker.
-    fn breaker_moved(&self, transition: Transition) {
-        let Some((from, to)) = transition else { return };
-        metrics::gauge!(crate::metrics::BREAKER_STATE).set(to.gauge());
-        let message = format!("circuit breaker {} -> {}", from.as_str(), to.as_str());
-        match to {
-            BreakerState::Open => tracing::warn!(
-                target: "session_store",
-                journal = self.journal_len(),
-                "{message}: the database is considered away; serving from the fallback"
-            ),
-            BreakerState::HalfOpen => {
-                tracing::info!(target: "session_store", "{message}: probing the database")
-            }
-            BreakerState::Closed => {
-                tracing::info!(target: "session_store", "{message}: the database is back")
-            }
-        }
-        self.inner.events.breaker_moved(from, to, message);
-    }
-}
-
-/// The error of a write the journal did not take: with the fallback off,
-/// the database's own (`away`); else the journal's, a 503 that says why.
-fn refusal(refused: Refused, away: Error) -> Error {
-    match refused {
-        Refused::Off => away,
-        Refused::Journal(e) => {
-            tracing::error!(target: "session_store", error = %e, "a write could not be journaled; answering 503");
-            Error::JournalUnavailable {
-                reason: e.to_string(),
-            }
-        }
-    }
-}
-
-/// Opens the journal directory (unless the fallback is off): its error
-/// names the setting, and says how to run without one.
-fn open_journal(config: &Config, table: &str) -> Result<Option<Opened>, Error> {
-    if !config.fallback() {
-        tracing::warn!(
-            target: "session_store",
-            "fallback off (PGSESSION_FALLBACK=false): while the database is away, every session \
-             operation answers 503; nothing is journaled"
-        );
-        return Ok(None);
-    }
-    let max = config.journal_max_bytes() as u64;
-    match Journal::open(config.journal_dir(), table, max) {
-        Ok(opened) => {
-            tracing::info!(
-                target: "session_store",
-                path = %opened.journal.path().display(),
-                max_bytes = max,
-                "journal open: writes accepted while the database is away are fsynced here"
-            );
-            Ok(Some(opened))
-        }
-        Err(e) => Err(Error::Config(crate::ConfigError::invalid(
-            "journal_dir",
-            format!(
-                "{e}; point PGSESSION_JOURNAL_DIR at a writable directory on a persistent disk, \
-                 or set PGSESSION_FALLBACK=false to answer 503 during outages instead"
-            ),
-        ))),
+        self.inner.life.tasks.spawn(task(self.clone()));
     }
 }
 
@@ -722,10 +605,4 @@ fn record_op<T>(
     if let Err(e) = result {
         metrics::counter!(crate::metrics::ERRORS, "kind" => e.kind().as_str()).increment(1);
     }
-}
-
-/// `expire` is a `timestamp` holding UTC.
-fn to_timestamp(at: OffsetDateTime) -> PrimitiveDateTime {
-    let utc = at.to_offset(UtcOffset::UTC);
-    PrimitiveDateTime::new(utc.date(), utc.time())
 }

@@ -7,10 +7,7 @@ use super::{record_op, Outcome, Store};
 use crate::error::Error;
 use crate::pool::{Checkout, Params};
 use crate::resilience::retry::bounded;
-
-const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext($1))";
-const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext($1))";
-const TRY_XACT_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtext($1))";
+use crate::schema::{PRUNE_TRY_LOCK, PRUNE_TRY_XACT_LOCK, PRUNE_UNLOCK};
 
 /// Rows deleted and statements sent so far by one prune.
 #[derive(Debug, Default)]
@@ -59,7 +56,7 @@ impl Store {
         let started = std::time::Instant::now();
         let result = async {
             self.ensure_schema().await?;
-            let conn = self.inner.pool.checkout().await?;
+            let conn = self.inner.db.pool.checkout().await?;
             let result = if conn.is_pooled() {
                 self.prune_in_transactions(&conn, progress).await
             } else {
@@ -95,7 +92,7 @@ impl Store {
         let deadline = self.inner.config.query_timeout();
         let key = self.prune_lock_key();
         let lock: &Params = &[(&key, Type::TEXT)];
-        if !self.try_lock(conn, TRY_LOCK, lock).await? {
+        if !self.try_lock(conn, PRUNE_TRY_LOCK, lock).await? {
             return Ok(PruneOutcome::Skipped);
         }
         let mut tally = Tally::default();
@@ -109,7 +106,7 @@ impl Store {
         // Unlock even after a failed batch; if this fails too, the
         // connection is dropped and the server releases the lock.
         bounded("prune", deadline, async {
-            Ok(conn.execute(UNLOCK, lock).await?)
+            Ok(conn.execute(PRUNE_UNLOCK, lock).await?)
         })
         .await?;
         deleting
@@ -128,7 +125,7 @@ impl Store {
         let mut tally = Tally::default();
         loop {
             client.batch_execute("BEGIN").await?;
-            if !self.try_lock(conn, TRY_XACT_LOCK, lock).await? {
+            if !self.try_lock(conn, PRUNE_TRY_XACT_LOCK, lock).await? {
                 client.batch_execute("ROLLBACK").await?;
                 // Another instance took over (or held it from the start).
                 return Ok(if tally.batches == 0 {
@@ -161,12 +158,12 @@ impl Store {
         tally.deleted += n;
         tally.batches += 1;
         progress(tally.deleted);
-        n < self.batch_size() as u64 || self.inner.shutdown.is_cancelled()
+        n < self.batch_size() as u64 || self.inner.life.shutdown.is_cancelled()
     }
 
     async fn prune_batch(&self, conn: &Checkout) -> Result<u64, Error> {
         let batch = self.batch_size() as i64;
-        let sql = &self.inner.sql.prune_batch;
+        let sql = &self.inner.db.sql.prune_batch;
         bounded("prune", self.inner.config.query_timeout(), async {
             Ok(conn.execute(sql, &[(&batch, Type::INT8)]).await?)
         })
@@ -178,7 +175,7 @@ impl Store {
     }
 
     fn prune_lock_key(&self) -> String {
-        format!("pgsession:prune:{}", self.inner.sql.lock_name)
+        format!("pgsession:prune:{}", self.inner.db.sql.lock_name)
     }
 
     /// The pruner, started by [`Store::new`] unless `prune` is off: every
@@ -190,7 +187,7 @@ impl Store {
                 let mean = store.inner.config.prune_interval();
                 let delay = mean.mul_f64(rand::random_range(0.5..1.5));
                 tokio::select! {
-                    () = store.inner.shutdown.cancelled() => return,
+                    () = store.inner.life.shutdown.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
                 }
                 if let Err(e) = store.prune().await {

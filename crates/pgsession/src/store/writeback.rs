@@ -19,13 +19,13 @@
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
-use tokio_postgres::types::Type;
 
-use super::{to_timestamp, Store};
+use super::guard::on_conn;
+use super::Store;
 use crate::error::Error;
-use crate::pool::Params;
+use crate::pool::Checkout;
 use crate::resilience::dead_letter::{self, Conflict, DeadLetter};
-use crate::resilience::journal::{digest, Entry, Found, Pending};
+use crate::resilience::journal::{digest, Entry, Pending};
 
 /// How one journal entry fared.
 enum Landing {
@@ -47,7 +47,7 @@ impl Store {
             .config
             .query_timeout()
             .min(Duration::from_secs(5));
-        let fallback = &self.inner.fallback;
+        let fallback = &self.inner.recovery.fallback;
         if fallback.journal_len() == 0 {
             return Ok(());
         }
@@ -65,7 +65,7 @@ impl Store {
                 Err(e) if e.is_transient() || matches!(e, Error::StoreClosed) => {
                     if e.is_unanswered() {
                         fallback.written_back_in_doubt(&sid, &entry.write);
-                        self.mark_in_doubt();
+                        self.inner.recovery.mark_in_doubt();
                     }
                     break Err(e);
                 }
@@ -106,7 +106,7 @@ impl Store {
     /// Makes the `done` records durable, so that a crash does not write
     /// the same entries back again (harmless, but slower).
     async fn sync_done(&self) {
-        if let Some(journal) = self.inner.fallback.journal() {
+        if let Some(journal) = self.inner.recovery.fallback.journal() {
             if let Err(e) = journal.sync_all().await {
                 tracing::warn!(target: "session_store", error = %e, "journal sync failed");
             }
@@ -139,56 +139,61 @@ impl Store {
 
     /// One entry, conditional on what it was based on.
     async fn land(&self, sid: &str, entry: &Entry, deadline: Duration) -> Result<Landing, Error> {
-        let sql = &self.inner.sql;
+        let db = &self.inner.db;
         match &entry.write {
             Pending::Destroy => {
                 self.db_destroy_with(sid, deadline, true).await?;
                 Ok(Landing::Landed)
             }
             Pending::Touch { expire } => {
-                let expire = to_timestamp(*expire);
-                let params: &Params = &[(&sid, Type::VARCHAR), (&expire, Type::TIMESTAMP)];
+                let expire = *expire;
                 Ok(
-                    match self.execute(&sql.writeback_touch, params, deadline).await? {
-                        0 => Landing::Conflict(Conflict::Destroyed, "no row"),
-                        _ => Landing::Landed,
+                    match self
+                        .on_db(
+                            deadline,
+                            on_conn!(|conn| db.writeback_touch(conn, sid, expire)),
+                        )
+                        .await?
+                    {
+                        false => Landing::Conflict(Conflict::Destroyed, "no row"),
+                        true => Landing::Landed,
                     },
                 )
             }
             Pending::Save { json, expire } => {
-                let expire = to_timestamp(*expire);
-                let insert: &Params = &[
-                    (&sid, Type::VARCHAR),
-                    (json, Type::TEXT),
-                    (&expire, Type::TIMESTAMP),
-                ];
-                if entry.base.absent && self.execute(&sql.insert, insert, deadline).await? == 1 {
+                let (json, expire) = (json.as_str(), *expire);
+                let insert = || {
+                    self.on_db(
+                        deadline,
+                        on_conn!(|conn| db.insert(conn, sid, json, expire)),
+                    )
+                };
+                if entry.base.absent && insert().await? {
                     return Ok(Landing::Landed);
                 }
                 // Its own document counts too: after a crash, an entry
                 // whose `done` was lost finds itself already landed.
                 let mut docs = entry.base.docs.clone();
                 docs.push(digest(json));
-                let update: &Params = &[
-                    (&sid, Type::VARCHAR),
-                    (json, Type::TEXT),
-                    (&expire, Type::TIMESTAMP),
-                    (&docs, Type::TEXT_ARRAY),
-                ];
+                let docs = docs.as_slice();
                 if self
-                    .execute(&sql.writeback_update, update, deadline)
+                    .on_db(
+                        deadline,
+                        on_conn!(|conn| db.writeback_update(conn, sid, json, expire, docs)),
+                    )
                     .await?
-                    == 1
                 {
                     return Ok(Landing::Landed);
                 }
-                let row = self.row_digest(sid, deadline).await?;
+                let row = self
+                    .on_db(deadline, on_conn!(|conn| db.row_digest(conn, sid)))
+                    .await?;
                 Ok(match (row, entry.base.absent) {
                     (None, true) => {
                         // Its id was taken and freed again meanwhile.
-                        match self.execute(&sql.insert, insert, deadline).await? {
-                            1 => Landing::Landed,
-                            _ => Landing::Conflict(Conflict::IdTaken, "another session"),
+                        match insert().await? {
+                            true => Landing::Landed,
+                            false => Landing::Conflict(Conflict::IdTaken, "another session"),
                         }
                     }
                     (None, false) => Landing::Conflict(Conflict::Destroyed, "no row"),
@@ -201,37 +206,18 @@ impl Store {
         }
     }
 
-    async fn execute(
-        &self,
-        sql: &str,
-        params: &Params<'_>,
-        deadline: Duration,
-    ) -> Result<u64, Error> {
-        self.run_db("writeback", deadline, true, |conn| async move {
-            let result = async { Ok(conn.execute(sql, params).await?) }.await;
-            (conn, result)
-        })
-        .await
-    }
-
-    async fn row_digest(&self, sid: &str, deadline: Duration) -> Result<Option<String>, Error> {
-        let sql = &self.inner.sql.row_digest;
-        self.run_db("writeback", deadline, true, |conn| async move {
-            let result = async {
-                Ok(conn
-                    .query_opt(sql, &[(&sid, Type::VARCHAR)])
-                    .await?
-                    .map(|row| row.get(0)))
-            }
-            .await;
-            (conn, result)
-        })
-        .await
+    /// A statement of the write-back: past the breaker, which it closes.
+    async fn on_db<T, F, Fut>(&self, deadline: Duration, query: F) -> Result<T, Error>
+    where
+        F: Fn(Checkout) -> Fut,
+        Fut: std::future::Future<Output = (Checkout, Result<T, Error>)>,
+    {
+        self.run_db("writeback", deadline, true, query).await
     }
 
     /// Counts, logs and shows a conflict, and keeps the write as a dead
     /// letter (a touch carries no data: it is counted and logged only).
-    fn set_aside(
+    pub(super) fn set_aside(
         &self,
         sid: &str,
         entry: &Entry,
@@ -241,9 +227,7 @@ impl Store {
         let inner = &self.inner;
         metrics::counter!(crate::metrics::WRITEBACK_CONFLICTS, "kind" => kind.as_str())
             .increment(1);
-        inner
-            .conflicts
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        inner.recovery.count_conflict();
         let op = entry.write.op();
         let keeps_data = !matches!(entry.write, Pending::Touch { .. });
         let message = format!("write-back conflict ({kind}): a journaled {op} found {reason}");
@@ -252,12 +236,12 @@ impl Store {
             tracing::warn!(target: "session_store", kind = kind.as_str(), op, "{message}; the session is left as it is");
             return Ok(());
         }
-        let Some(journal) = inner.fallback.journal() else {
+        let Some(journal) = inner.recovery.fallback.journal() else {
             return Ok(());
         };
         let letter = DeadLetter {
             at: OffsetDateTime::now_utc(),
-            table: inner.sql.lock_name.clone(),
+            table: inner.db.sql.lock_name.clone(),
             sid: sid.to_owned(),
             kind,
             reason: format!("found {reason}"),
@@ -270,9 +254,7 @@ impl Store {
             }
         })?;
         metrics::counter!(crate::metrics::DEAD_LETTERS, "kind" => kind.as_str()).increment(1);
-        inner
-            .dead_letters
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        inner.recovery.count_dead_letter();
         let where_ = dead_letter::path(journal.dir());
         let text = format!(
             "{message}; the database keeps its state, the journaled {op} is kept aside in {} \
@@ -294,36 +276,20 @@ impl Store {
     /// write-back (tried again next pass); a server that refuses it (no
     /// `pg_stat_activity`, as behind some poolers) is logged and passed.
     async fn settle_in_doubt(&self, deadline: Duration) -> Result<(), Error> {
-        let latest = {
-            let since = self
-                .inner
-                .in_doubt_since
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let journaled = self.inner.fallback.latest_doubt();
-            match (*since, journaled) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            }
+        let recovery = &self.inner.recovery;
+        let Some(latest) = recovery.latest_in_doubt() else {
+            return Ok(());
         };
-        let Some(latest) = latest else { return Ok(()) };
         let give_up = Instant::now() + deadline;
-        let sql = &self.inner.sql.settle_in_doubt;
+        let db = &self.inner.db;
         loop {
             let now_ms = crate::resilience::journal::unix_ms_now();
             // One second of margin towards "more": a statement sent just
             // before the moment, on a server whose clock runs a little
             // differently, is still caught.
             let age = ((now_ms - latest) as f64 / 1000.0 - 1.0).max(0.0);
-            let counted: Result<(i64, i64), Error> = self
-                .run_db("writeback", deadline, true, |conn| async move {
-                    let result = async {
-                        let row = conn.query_one(sql, &[(&age, Type::FLOAT8)]).await?;
-                        Ok((row.get(0), row.get(1)))
-                    }
-                    .await;
-                    (conn, result)
-                })
+            let counted = self
+                .on_db(deadline, on_conn!(|conn| db.settle_in_doubt(conn, age)))
                 .await;
             match counted {
                 Ok((_, 0)) => break,
@@ -348,100 +314,8 @@ impl Store {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut since = self
-            .inner
-            .in_doubt_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if since.is_some_and(|t| t <= latest) {
-            *since = None;
-        }
+        recovery.settled_up_to(latest);
         Ok(())
-    }
-
-    /// At start: entries adopted from stores that died join the journal;
-    /// damaged files are reported.
-    pub(super) fn take_adopted(&self, adopted: Vec<(String, Entry)>, found: Vec<Found>) {
-        let inner = &self.inner;
-        for found in found {
-            match found {
-                Found::Adopted { path, entries } => {
-                    let message = format!(
-                        "{entries} journaled writes adopted from {} (a process that stopped \
-                         before writing them back); written back when the database answers",
-                        path.display()
-                    );
-                    tracing::info!(target: "session_store", "{message}");
-                    inner.events.push("journal", message);
-                }
-                Found::Damaged {
-                    path,
-                    kept,
-                    line,
-                    reason,
-                } => {
-                    let message = format!(
-                        "journal file {} is damaged (line {line}: {reason}); kept aside as {}",
-                        path.display(),
-                        kept.display()
-                    );
-                    tracing::error!(target: "session_store", "{message}");
-                    inner.events.push("journal", message);
-                }
-            }
-        }
-        if adopted.is_empty() {
-            return;
-        }
-        // Their moments in doubt come with them: `settle_in_doubt` reads
-        // them from the journal's entries.
-        for (sid, entry) in inner.fallback.adopt(adopted) {
-            let _ = self.set_aside(&sid, &entry, Conflict::Duplicate, "another journal's entry");
-        }
-        metrics::gauge!(crate::metrics::JOURNAL_ENTRIES).set(self.journal_len() as f64);
-    }
-
-    /// While running: adopts the files of stores that died since.
-    pub(super) async fn adopt_orphans(&self) {
-        let store = self.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            store
-                .inner
-                .fallback
-                .journal()
-                .map(|journal| journal.adopt_orphans())
-        })
-        .await;
-        if let Ok(Some((adopted, found))) = found {
-            if !adopted.is_empty() || !found.is_empty() {
-                self.take_adopted(adopted, found);
-            }
-        }
-    }
-
-    /// At start: how many dead letters wait in the journal directory.
-    pub(super) fn count_dead_letters(&self) {
-        let Some(journal) = self.inner.fallback.journal() else {
-            return;
-        };
-        match dead_letter::read(journal.dir()) {
-            Ok(letters) if !letters.is_empty() => {
-                tracing::warn!(
-                    target: "session_store",
-                    count = letters.len(),
-                    path = %dead_letter::path(journal.dir()).display(),
-                    "dead letters wait: journaled writes that could not be written back \
-                     (`pgsession journal list` shows them)"
-                );
-                self.inner
-                    .dead_letters
-                    .store(letters.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(target: "session_store", error = %e, "cannot read the dead letters")
-            }
-        }
     }
 
     /// Applies a dead letter as it stands, whatever the row holds now (the
@@ -472,29 +346,11 @@ impl Store {
         }
     }
 
-    /// The journal's facts for `/health`.
-    pub(super) fn journal_health(&self) -> crate::health::JournalHealth {
-        let inner = &self.inner;
-        let journal = inner.fallback.journal();
-        crate::health::JournalHealth {
-            entries: self.journal_len(),
-            bytes: self.journal_bytes(),
-            max_bytes: inner.config.journal_max_bytes() as u64,
-            fallback: inner.fallback.is_on(),
-            dir: journal.map(|j| j.dir().display().to_string()),
-            broken: journal.and_then(|j| j.broken()),
-            conflicts: inner.conflicts.load(std::sync::atomic::Ordering::Relaxed),
-            dead_letters: inner
-                .dead_letters
-                .load(std::sync::atomic::Ordering::Relaxed),
-        }
-    }
-
     /// At shutdown: one last write-back if the database answers. What is
     /// left stays in the journal file, durable; the next store started on
     /// this directory writes it back.
     pub(super) async fn flush_at_close(&self) {
-        let Some(journal) = self.inner.fallback.journal() else {
+        let Some(journal) = self.inner.recovery.fallback.journal() else {
             return;
         };
         if self.journal_len() > 0 {

@@ -5,7 +5,9 @@
 //! checked, under `verify-ca` only the chain; a refusal is a certificate
 //! error returned at once, not a hang. `prefer` encrypts without checking,
 //! as libpq does; skipping checks elsewhere takes the explicit opt-in,
-//! which logs a warning. SECURITY.md cites these tests by name.
+//! which logs a warning. Without `sslrootcert` the machine's store is
+//! trusted, as `SSL_CERT_FILE` names it. SECURITY.md cites these tests by
+//! name.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -210,8 +212,8 @@ async fn a_certificate_from_an_unknown_ca_is_refused_under_require_and_verify() 
         let text = refused(builder, mode).await;
         assert!(text.contains("UnknownIssuer"), "{mode}: {text}");
     }
-    // With no sslrootcert the public web roots are trusted, which do not
-    // include a private CA either.
+    // With no sslrootcert the machine's store is trusted, which does not
+    // include this private CA either.
     let url = format!(
         "postgres://postgres@localhost:{}/tls?sslmode=verify-full",
         server.cluster.port()
@@ -313,4 +315,97 @@ async fn an_unknown_ca_is_a_configuration_error_shown_in_health_and_never_journa
         "{shown}"
     );
     store.close().await;
+}
+
+/// Set in the child processes of
+/// [`verify_full_trusts_a_ca_installed_in_the_machines_store`]: what the
+/// child must find (`accepted`, `refused` or `no-roots`) at the URL of
+/// [`STORE_CHILD_URL`].
+const STORE_CHILD_EXPECT: &str = "PGSESSION_TEST_STORE_CHILD_EXPECT";
+const STORE_CHILD_URL: &str = "PGSESSION_TEST_STORE_CHILD_URL";
+
+/// With no `sslrootcert`, `verify-full` trusts the machine's store, which
+/// `SSL_CERT_FILE` names: a PEM bundle as Debian's `update-ca-certificates`
+/// writes it (every trusted CA, concatenated). Our own CA in that bundle
+/// is trusted; a bundle without it is not; a bundle with no certificate at
+/// all is a configuration error that says so (no compiled-in fallback).
+///
+/// The variable is read by the process, so each case runs in a child
+/// process: this test re-runs itself (`--exact`) with `SSL_CERT_FILE` set,
+/// and the child, seeing [`STORE_CHILD_EXPECT`], checks the one case.
+#[tokio::test]
+async fn verify_full_trusts_a_ca_installed_in_the_machines_store() {
+    if let Ok(expect) = std::env::var(STORE_CHILD_EXPECT) {
+        let url = std::env::var(STORE_CHILD_URL).expect("the parent sets the URL");
+        let builder = Config::builder()
+            .url(url)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .query_timeout(CONNECT_TIMEOUT)
+            .startup_retries(0);
+        match expect.as_str() {
+            "accepted" => {
+                accepted(builder, "a CA in SSL_CERT_FILE")
+                    .await
+                    .close()
+                    .await
+            }
+            "refused" => {
+                let text = refused(builder, "a CA missing from SSL_CERT_FILE").await;
+                assert!(text.contains("UnknownIssuer"), "{text}");
+            }
+            "no-roots" => {
+                let error = Store::new(builder.build().expect("valid config"))
+                    .expect_err("no CA at all in SSL_CERT_FILE");
+                let text = chain(&error);
+                assert!(
+                    text.contains("trusts no CA") && text.contains("sslrootcert"),
+                    "{text}"
+                );
+            }
+            other => panic!("unknown {STORE_CHILD_EXPECT}={other}"),
+        }
+        return;
+    }
+
+    let server = TlsServer::start().await;
+    let url = format!(
+        "postgres://postgres@localhost:{}/tls?sslmode=verify-full",
+        server.cluster.port()
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let wrong = std::fs::read_to_string(&server.wrong_ca).expect("CA file");
+    let right = std::fs::read_to_string(&server.right_ca).expect("CA file");
+    let bundles = [
+        ("accepted", format!("{wrong}{right}")),
+        ("refused", wrong),
+        ("no-roots", "# no certificate here\n".to_owned()),
+    ];
+    let me = std::env::current_exe().expect("the test binary");
+    for (expect, bundle) in bundles {
+        let file = dir.path().join(format!("{expect}-ca-certificates.crt"));
+        std::fs::write(&file, bundle).expect("bundle");
+        let child = tokio::process::Command::new(&me)
+            .args([
+                "--exact",
+                "tls::verify_full_trusts_a_ca_installed_in_the_machines_store",
+                "--test-threads=1",
+            ])
+            .env(STORE_CHILD_EXPECT, expect)
+            .env(STORE_CHILD_URL, &url)
+            .env("SSL_CERT_FILE", &file)
+            .env_remove("SSL_CERT_DIR")
+            .output()
+            .await
+            .expect("run the test binary");
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&child.stdout),
+            String::from_utf8_lossy(&child.stderr)
+        );
+        // The filter must have run this very test, once, and it passed.
+        assert!(
+            child.status.success() && output.contains("1 passed"),
+            "{expect}: {output}"
+        );
+    }
 }

@@ -1,25 +1,19 @@
-//! The store's background work: start-up, pool upkeep, health checks, and
-//! the recovery that probes the database while the breaker is open, has
-//! the journal written back (`writeback.rs`), closes the breaker, and
-//! adopts the journal files of stores that died.
+//! The store's routine background work while the database answers: the
+//! start-up sequence (table creation, retried with backoff), pool upkeep
+//! (idle connections, warm minimum, self-sizing under the server's
+//! connection limit) and the periodic health check. What runs while it is
+//! away is the recovery's (`recovery.rs`).
 
 use std::time::{Duration, Instant};
 
+use super::guard::on_conn;
 use super::{Startup, Store};
 use crate::health::CheckResult;
-use crate::resilience::breaker::BreakerState;
 use crate::resilience::retry;
 use crate::sizing::{Resize, Sizer};
 
 /// How often the pool is tended (idle connections, warm minimum, size).
 const UPKEEP_TICK: Duration = Duration::from_millis(500);
-
-/// How often the recovery looks at the breaker and the journal.
-const RECOVERY_TICK: Duration = Duration::from_millis(100);
-
-/// How often the journal directory is searched for the files of stores
-/// that died while this one runs (each search is one directory listing).
-const ADOPT_EVERY: Duration = Duration::from_secs(5);
 
 impl Store {
     /// The start-up sequence: a first attempt, the start-up retries, then
@@ -32,7 +26,7 @@ impl Store {
         let mut attempt = 0;
         for delay in std::iter::once(Duration::ZERO).chain(delays) {
             tokio::select! {
-                () = self.inner.shutdown.cancelled() => return,
+                () = self.inner.life.shutdown.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
             }
             attempt += 1;
@@ -46,7 +40,7 @@ impl Store {
                 Err(_) => None,
             };
             if let Some(state) = settled {
-                self.inner.startup.send_if_modified(|now| {
+                self.inner.life.startup.send_if_modified(|now| {
                     let changed = *now != state;
                     *now = state;
                     changed
@@ -101,16 +95,14 @@ impl Store {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                () = self.inner.shutdown.cancelled() => return,
+                () = self.inner.life.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            self.inner.pool.maintain();
-            if self.inner.pool.take_refused() {
-                self.inner
-                    .server_free
-                    .store(0, std::sync::atomic::Ordering::Relaxed);
+            self.inner.db.pool.maintain();
+            if self.inner.db.pool.take_refused() {
+                self.inner.db.note_server_full();
             }
-            if let Some(kept) = self.inner.pool.take_announcement() {
+            if let Some(kept) = self.inner.db.pool.take_announcement() {
                 self.inner.events.push(
                     "pool_limit",
                     format!(
@@ -119,14 +111,10 @@ impl Store {
                     ),
                 );
             }
-            let free = self
-                .inner
-                .server_free
-                .load(std::sync::atomic::Ordering::Relaxed);
-            let free = (free != usize::MAX).then_some(free);
+            let free = self.inner.db.server_free();
             if let Some(resize) = sizer.observe(self.pool_status(), free) {
                 let (Resize::Grow { from, to } | Resize::Shrink { from, to }) = resize;
-                if !self.inner.pool.resize(from, to) {
+                if !self.inner.db.pool.resize(from, to) {
                     continue; // a refusal lowered it meanwhile
                 }
                 metrics::counter!(crate::metrics::POOL_RESIZES, "direction" => resize.direction())
@@ -145,75 +133,6 @@ impl Store {
         }
     }
 
-    /// Probes the database while the breaker is open, and writes the
-    /// journal back; closes the breaker once nothing is left.
-    pub(super) async fn recover(self) {
-        let mut tick = tokio::time::interval(RECOVERY_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_adoption = Instant::now();
-        loop {
-            tokio::select! {
-                () = self.inner.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if last_adoption.elapsed() >= ADOPT_EVERY {
-                last_adoption = Instant::now();
-                self.adopt_orphans().await;
-            }
-            let breaker = &self.inner.breaker;
-            match breaker.state() {
-                BreakerState::Closed if self.journal_len() > 0 => {
-                    // Entries adopted from a store that died, or writes
-                    // journaled when a direct attempt found the database
-                    // away before the breaker opened.
-                    if let Err(e) = self.write_back().await {
-                        tracing::debug!(target: "session_store", error = %e, "write-back interrupted");
-                    }
-                }
-                BreakerState::Closed => {}
-                BreakerState::Open => {
-                    let probe = breaker.try_probe(Instant::now());
-                    if probe.is_some() {
-                        self.breaker_moved(probe);
-                        self.probe_and_write_back().await;
-                    }
-                }
-                BreakerState::HalfOpen => self.probe_and_write_back().await,
-            }
-            if self.journal_len() == 0 {
-                self.inner.fallback.truncate_if_empty();
-            }
-        }
-    }
-
-    /// The half-open step: one probe; on success the journal is written
-    /// back, then the breaker closes (atomically with the journal being
-    /// empty, so no write slips in between).
-    async fn probe_and_write_back(&self) {
-        let breaker = &self.inner.breaker;
-        let contact = self.inner.events.contact(
-            crate::health::CheckSource::Probe,
-            self.inner.config.slow_check_threshold(),
-        );
-        let probe = self.ping(self.inner.config.connect_budget()).await;
-        contact.finish(probe.as_ref().err());
-        let written = match probe {
-            Ok(()) => self.write_back().await,
-            Err(e) => Err(e),
-        };
-        match written {
-            Ok(()) => {
-                if let Some(transition) = self.inner.fallback.if_empty(|| breaker.close()) {
-                    self.breaker_moved(transition);
-                }
-            }
-            Err(e) => {
-                tracing::debug!(target: "session_store", error = %e, "probe failed; the breaker stays open");
-                self.breaker_moved(breaker.probe_failed(Instant::now()));
-            }
-        }
-    }
-
     /// Every health-check interval: a timed `SELECT 1`, pool statistics,
     /// and a warning when the check is slow or fails or callers wait.
     pub(super) async fn check_health(self) {
@@ -225,7 +144,7 @@ impl Store {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                () = self.inner.shutdown.cancelled() => return,
+                () = self.inner.life.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
             self.publish_metrics();
@@ -239,7 +158,7 @@ impl Store {
             if pool.waiting > 0 {
                 tracing::warn!(target: "session_pool", waiting = pool.waiting, max = pool.max, "requests are waiting for a session-pool connection");
             }
-            if !self.inner.breaker.is_closed() {
+            if !self.inner.recovery.breaker.is_closed() {
                 continue; // the recovery probes instead
             }
             self.run_check().await;
@@ -292,7 +211,7 @@ impl Store {
                 );
             }
             Ok(()) => {
-                self.inner.breaker.record_success();
+                self.inner.recovery.breaker.record_success();
                 self.refresh_server_free().await;
             }
         }
@@ -300,29 +219,17 @@ impl Store {
     }
 
     /// Asks the server how many more connections it would accept, for the
-    /// self-sizing pool's ceiling: the least of what the role's `CONNECTION
-    /// LIMIT`, the database's, and `max_connections` less its reserved
-    /// slots leave, each less the connections already counted against it
-    /// (this pool's included). A superuser is bound by `max_connections`
-    /// alone, as the server binds it.
-    pub(super) async fn refresh_server_free(&self) {
-        let sql = crate::schema::SERVER_FREE;
-        let free = self
+    /// self-sizing pool's ceiling (see [`crate::schema::SERVER_FREE`]).
+    async fn refresh_server_free(&self) {
+        let db = &self.inner.db;
+        let deadline = self.inner.config.slow_check_threshold();
+        let _ = self
             .run_db(
                 "health",
-                self.inner.config.slow_check_threshold(),
+                deadline,
                 true,
-                |conn| async move {
-                    let result =
-                        async { Ok(conn.query_one(sql, &[]).await?.get::<_, i32>(0)) }.await;
-                    (conn, result)
-                },
+                on_conn!(|conn| db.refresh_server_free(conn)),
             )
             .await;
-        if let Ok(free) = free {
-            self.inner
-                .server_free
-                .store(free.max(0) as usize, std::sync::atomic::Ordering::Relaxed);
-        }
     }
 }

@@ -3,11 +3,17 @@
 //! with its own session cookie, sending its next request as soon as the
 //! previous answer is read (a closed loop, as `wrk` does).
 //!
-//! Each connection first logs in (`POST /login`) and counts once
-//! (`POST /counter`), so that its session exists; then it runs the workload
-//! for the warm-up and for one or more measured windows. Only requests that
+//! Each connection first logs in (`POST /login`) and counts `i + 1` times
+//! (`POST /counter`, connection `i`), so that its session exists and holds
+//! a count no other connection's holds; then it runs the workload for the
+//! warm-up and for one or more measured windows. Only requests that
 //! complete inside a measured window count; a request in flight when the
 //! window closes is not counted.
+//!
+//! Every answer is checked against the connection's own session: `views`
+//! for the counter (the count it holds, one more after a write), `user`
+//! for a login. A 2xx with the wrong body (another session's, or none)
+//! counts as an error.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -19,6 +25,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde_json::Value;
 use tokio::net::TcpStream;
 
 /// What each connection does over and over.
@@ -65,9 +72,14 @@ fn login_body(user: &str) -> Bytes {
 pub(crate) struct LoadResult {
     /// Requests completed (any status) inside the measured windows.
     pub(crate) requests: u64,
-    /// Of those, answers other than 2xx, plus transport errors (failed
-    /// connects, resets, broken bodies) inside the windows.
+    /// Of those, answers other than 2xx, 2xx answers with a body that is
+    /// not the connection's session's ([`LoadResult::wrong_bodies`]), plus
+    /// transport errors (failed connects, resets, broken bodies) inside the
+    /// windows.
     pub(crate) errors: u64,
+    /// Of the errors, 2xx answers whose body was not the one the
+    /// connection's own session gives.
+    pub(crate) wrong_bodies: u64,
     /// Requests that failed while the connections set up their sessions.
     pub(crate) setup_errors: u64,
     /// The measured time, all windows together.
@@ -82,6 +94,7 @@ impl LoadResult {
     pub(crate) fn merge(&mut self, other: LoadResult) {
         self.requests += other.requests;
         self.errors += other.errors;
+        self.wrong_bodies += other.wrong_bodies;
         self.setup_errors += other.setup_errors;
         self.window += other.window;
         self.latencies.extend(other.latencies);
@@ -107,9 +120,41 @@ impl LoadResult {
 /// as many windows as asked.
 pub(crate) struct Driver {
     workload: Workload,
-    /// Each connection and its user name.
-    clients: Vec<(Client, String)>,
+    /// Each connection and what its session holds.
+    clients: Vec<(Client, Expected)>,
     setup_errors: u64,
+}
+
+/// What a connection's session holds, so that each answer can be checked.
+#[derive(Debug, Clone)]
+struct Expected {
+    /// The user it logged in as.
+    user: String,
+    /// Its `views`.
+    views: u64,
+}
+
+impl Expected {
+    /// Whether `body` is the answer this session gives to `workload`'s
+    /// request; moves the expected count on after a write. After a wrong
+    /// count the expectation follows the answer, so that one wrong answer
+    /// is counted once.
+    fn check(&mut self, workload: Workload, body: &[u8]) -> bool {
+        let Ok(body) = serde_json::from_slice::<Value>(body) else {
+            return false;
+        };
+        match workload {
+            Workload::Login => body.get("user").and_then(Value::as_str) == Some(&self.user),
+            Workload::Read | Workload::Rolling | Workload::Write => {
+                let wanted = self.views + u64::from(workload == Workload::Write);
+                let got = body.get("views").and_then(Value::as_u64);
+                if let Some(got) = got {
+                    self.views = got;
+                }
+                got == Some(wanted)
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Driver {
@@ -122,12 +167,15 @@ impl std::fmt::Debug for Driver {
 }
 
 impl Driver {
-    /// Opens `connections` connections to `addr`; each logs in and counts
-    /// once, so that its session exists.
+    /// Opens `connections` connections to `addr`; with `sessions`, each
+    /// (the `i`th) logs in and counts `i + 1` times, so that its session
+    /// exists and holds its own count. Without (a server with no session
+    /// store), each expects `{"views":1}`.
     pub(crate) async fn connect(
         addr: SocketAddr,
         workload: Workload,
         connections: usize,
+        sessions: bool,
     ) -> anyhow::Result<Driver> {
         let mut clients = Vec::with_capacity(connections);
         let mut setup_errors = 0;
@@ -136,16 +184,28 @@ impl Driver {
             let mut client = Client::connect(addr)
                 .await
                 .with_context(|| format!("connecting to {addr}"))?;
-            for (method, path, body) in [
-                (Method::POST, "/login", login_body(&user)),
-                (Method::POST, "/counter", Bytes::new()),
-            ] {
-                match client.send(method, path, body).await {
-                    Ok(status) if status.is_success() => {}
-                    _ => setup_errors += 1,
+            let mut expected = Expected {
+                user: user.clone(),
+                views: 1,
+            };
+            if sessions {
+                expected.views = 0;
+                let login = client.send(Method::POST, "/login", login_body(&user)).await;
+                if !login.is_ok_and(|(status, body)| {
+                    status.is_success() && expected.check(Workload::Login, &body)
+                }) {
+                    setup_errors += 1;
+                }
+                for _ in 0..=i {
+                    let count = client.send(Method::POST, "/counter", Bytes::new()).await;
+                    if !count.is_ok_and(|(status, body)| {
+                        status.is_success() && expected.check(Workload::Write, &body)
+                    }) {
+                        setup_errors += 1;
+                    }
                 }
             }
-            clients.push((client, user));
+            clients.push((client, expected));
         }
         Ok(Driver {
             workload,
@@ -165,9 +225,9 @@ impl Driver {
         let until = measure_from + duration;
         let tasks: Vec<_> = std::mem::take(&mut self.clients)
             .into_iter()
-            .map(|(client, user)| {
+            .map(|(client, expected)| {
                 let workload = self.workload;
-                tokio::spawn(drive(client, workload, user, measure_from, until))
+                tokio::spawn(drive(client, workload, expected, measure_from, until))
             })
             .collect();
         let mut result = LoadResult {
@@ -176,10 +236,11 @@ impl Driver {
             ..LoadResult::default()
         };
         for task in tasks {
-            let (client, user, part) = task.await.context("a load connection panicked")?;
-            self.clients.push((client, user));
+            let (client, expected, part) = task.await.context("a load connection panicked")?;
+            self.clients.push((client, expected));
             result.requests += part.requests;
             result.errors += part.errors;
+            result.wrong_bodies += part.wrong_bodies;
             result.latencies.extend(part.latencies);
         }
         result.latencies.sort_unstable();
@@ -191,16 +252,16 @@ impl Driver {
 async fn drive(
     mut client: Client,
     workload: Workload,
-    user: String,
+    mut expected: Expected,
     measure_from: Instant,
     until: Instant,
-) -> (Client, String, LoadResult) {
-    let (method, path, body) = workload.request(&user);
+) -> (Client, Expected, LoadResult) {
+    let (method, path, body) = workload.request(&expected.user);
     let mut part = LoadResult::default();
     loop {
         let started = Instant::now();
         if started >= until {
-            return (client, user, part);
+            return (client, expected, part);
         }
         let outcome = client.send(method.clone(), path, body.clone()).await;
         let done = Instant::now();
@@ -210,7 +271,12 @@ async fn drive(
             part.latencies.push(done - started);
         }
         match outcome {
-            Ok(status) if status.is_success() => {}
+            Ok((status, answer)) if status.is_success() => {
+                if !expected.check(workload, &answer) {
+                    part.errors += u64::from(counted);
+                    part.wrong_bodies += u64::from(counted);
+                }
+            }
             Ok(_) => part.errors += u64::from(counted),
             Err(_) => {
                 part.errors += u64::from(counted);
@@ -255,13 +321,14 @@ impl Client {
         Ok(())
     }
 
-    /// Sends one request, reads the whole answer, keeps any new cookie.
+    /// Sends one request, reads the whole answer, keeps any new cookie;
+    /// the status and the body.
     async fn send(
         &mut self,
         method: Method,
         path: &'static str,
         body: Bytes,
-    ) -> anyhow::Result<StatusCode> {
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -280,8 +347,8 @@ impl Client {
             let pair = set.as_bytes().split(|b| *b == b';').next().unwrap_or(b"");
             self.cookie = Some(HeaderValue::from_bytes(pair)?);
         }
-        response.into_body().collect().await?;
-        Ok(status)
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
     }
 }
 
@@ -303,5 +370,5 @@ pub(crate) async fn healthy(addr: SocketAddr) -> bool {
         client.send(Method::GET, "/healthz", Bytes::new()).await
     }
     .await
-    .is_ok_and(|status| status == StatusCode::OK)
+    .is_ok_and(|(status, _)| status == StatusCode::OK)
 }

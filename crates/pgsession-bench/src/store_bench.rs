@@ -14,7 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use time::OffsetDateTime;
 
-use crate::report::{StoreOp, StoreRow};
+use crate::report::{MultiRow, StoreOp, StoreRow};
+
+/// The number of callers whose row is compared with pgbench's best
+/// single-row rate (over 8, 16 and this many clients) and with the store's
+/// own multi-row statement.
+const REFERENCE_CALLERS: usize = 32;
 
 /// The session document saved by both sides (as express-session writes it,
 /// with a space after each colon: pgbench would read `:name` as a variable).
@@ -31,8 +36,9 @@ pub(crate) struct StoreArgs {
     warmup: Duration,
     /// The measured time is cut into slices of this length (whole
     /// seconds), Store and pgbench in turn, so that other work on the
-    /// machine weighs on both alike; 0 runs each in one piece.
-    #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
+    /// machine weighs on both alike; 0 runs each in one piece. Long enough
+    /// that pgbench's start-up (connections, preparing) does not count.
+    #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
     slice: Duration,
     /// Numbers of concurrent callers (and pgbench clients).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
@@ -43,6 +49,9 @@ pub(crate) struct StoreArgs {
     /// Rows inserted before the runs.
     #[arg(long, default_value_t = 10_000)]
     rows: u32,
+    /// The throwaway cluster's durability (see `http --help`).
+    #[arg(long, value_enum, default_value = "off")]
+    durability: crate::Durability,
     #[command(flatten)]
     database: crate::DatabaseArgs,
     /// The pgbench binary [default: `pg_config --bindir`/pgbench, else pgbench on PATH].
@@ -52,11 +61,20 @@ pub(crate) struct StoreArgs {
 
 /// Runs every operation at every concurrency, Store and pgbench in turn.
 pub(crate) async fn run(args: StoreArgs) -> anyhow::Result<Vec<StoreRow>> {
-    let db = crate::database(&args.database).await?;
+    let bench_db = crate::database(&args.database, args.durability).await?;
+    eprintln!("durability: {}", bench_db.durability);
+    let db = &bench_db.db;
     let config = pgsession::Config::builder().url(db.url()).build()?;
     let store = pgsession::Store::new(config)?;
     store.ready().await.context("creating the session table")?;
     let client = db.client().await?;
+    let counter = match crate::statements::StatementCounter::connect(db.url()).await {
+        Ok(counter) => Some(counter),
+        Err(e) => {
+            eprintln!("batch sizes left out: {e:#}");
+            None
+        }
+    };
     client
         .execute(
             "INSERT INTO session_store (sid, sess, expire) \
@@ -90,17 +108,65 @@ pub(crate) async fn run(args: StoreArgs) -> anyhow::Result<Vec<StoreRow>> {
                 bench.run(args.warmup).await?;
             }
             let (mut ours, mut theirs) = (crate::load::LoadResult::default(), Vec::new());
+            let mut statements = crate::statements::Counts::default();
             let mut left = args.duration;
             while !left.is_zero() {
                 let window = slice.min(left);
+                if let Some(counter) = &counter {
+                    counter.reset().await?;
+                }
                 let part = run_store(&store, op, callers, args.rows, Duration::ZERO, window).await;
+                if let Some(counter) = &counter {
+                    statements.merge(&counter.read().await?);
+                }
                 ours.merge(part);
                 theirs.push(bench.run(window).await?);
                 left -= window;
             }
-            client.batch_execute("VACUUM session_store").await?;
             let slices = theirs.len() as f64;
             let latencies: Vec<f64> = theirs.iter().filter_map(|r| r.latency_ms).collect();
+            let pgbench_tps = theirs.iter().map(|r| r.tps).sum::<f64>() / slices;
+            // Rows per statement of the store's kind of statement: its
+            // batches' mean size (single-row statements included).
+            let rows_per_statement = statements
+                .by_kind
+                .get(op.statement_kind())
+                .filter(|(calls, _)| *calls > 0)
+                .map(|(calls, rows)| *rows as f64 / *calls as f64);
+            let mut best_single = (pgbench_tps, callers);
+            let mut multi_row = None;
+            if callers >= REFERENCE_CALLERS {
+                // PostgreSQL's best single-row rate, whatever the clients.
+                for clients in [8, 16] {
+                    let tps = Pgbench { clients, ..bench }.run(slice).await?.tps;
+                    if tps > best_single.0 {
+                        best_single = (tps, clients);
+                    }
+                }
+                // The batching limit: the store's own multi-row statement,
+                // at the batch size it reached, with as many statements in
+                // flight as the callers make at that size.
+                if let Some(batch) = rows_per_statement.map(|b| b.round() as u32) {
+                    let batch = batch.clamp(1, args.rows);
+                    let clients = (callers as f64 / f64::from(batch)).round().max(1.0) as usize;
+                    let multi = scripts.path().join(format!("{}-{batch}.sql", op.name()));
+                    std::fs::write(&multi, multi_row_script(op, args.rows, batch))?;
+                    let tps = Pgbench {
+                        script: &multi,
+                        clients,
+                        ..bench
+                    }
+                    .run(slice)
+                    .await?
+                    .tps;
+                    multi_row = Some(MultiRow {
+                        rows_per_sec: tps * f64::from(batch),
+                        batch,
+                        clients,
+                    });
+                }
+            }
+            client.batch_execute("VACUUM session_store").await?;
             rows.push(StoreRow {
                 op,
                 callers,
@@ -108,9 +174,12 @@ pub(crate) async fn run(args: StoreArgs) -> anyhow::Result<Vec<StoreRow>> {
                 p50: ours.quantile(0.5),
                 p99: ours.quantile(0.99),
                 errors: ours.errors,
-                pgbench_tps: theirs.iter().map(|r| r.tps).sum::<f64>() / slices,
+                rows_per_statement,
+                pgbench_tps,
                 pgbench_latency_ms: (!latencies.is_empty())
                     .then(|| latencies.iter().sum::<f64>() / latencies.len() as f64),
+                best_single,
+                multi_row,
             });
         }
     }
@@ -186,6 +255,41 @@ fn pgbench_script(op: StoreOp, rows: u32) -> String {
     format!("\\set sid random(1, {rows})\n{sql}\n")
 }
 
+/// The pgbench script of the store's multi-row statement (`load_many`,
+/// `save_many` in `crates/pgsession/src/schema.rs`, whose text the library
+/// does not export) for `batch` distinct existing sids: `b`, `b + step`,
+/// ..., always in the same order, so that concurrent upserts lock rows in
+/// one order as the store's sorted batches do. The documents and expiries,
+/// parameters in the store's statement, are constants of the prepared
+/// statement here.
+fn multi_row_script(op: StoreOp, rows: u32, batch: u32) -> String {
+    let step = (rows / batch).max(1);
+    let mut script = format!("\\set b random(1, {step})\n");
+    let mut sids = Vec::new();
+    for i in 0..batch {
+        script.push_str(&format!("\\set s{i} :b + {}\n", i * step));
+        sids.push(format!("CAST(:s{i} AS text)"));
+    }
+    let sids = sids.join(", ");
+    let sql = match op {
+        StoreOp::Load => format!(
+            "SELECT sid, sess::text, expire FROM session_store \
+             WHERE sid = ANY(ARRAY[{sids}]) AND expire >= (now() AT TIME ZONE 'UTC');"
+        ),
+        StoreOp::Save => format!(
+            "INSERT INTO session_store (sid, sess, expire) \
+             SELECT s, j::json, e FROM unnest(ARRAY[{sids}], \
+             array_fill(CAST('{DOCUMENT}' AS text), ARRAY[{batch}]), \
+             array_fill(CAST((now() AT TIME ZONE 'UTC') + interval '1 day' AS timestamp), ARRAY[{batch}])) \
+             AS u(s, j, e) \
+             ON CONFLICT (sid) DO UPDATE SET sess = EXCLUDED.sess, expire = EXCLUDED.expire;"
+        ),
+    };
+    script.push_str(&sql);
+    script.push('\n');
+    script
+}
+
 fn find_pgbench() -> PathBuf {
     std::process::Command::new("pg_config")
         .arg("--bindir")
@@ -204,7 +308,7 @@ struct PgbenchResult {
 }
 
 /// One pgbench set-up: the script, the database and the number of clients.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Pgbench<'a> {
     program: &'a Path,
     url: &'a str,

@@ -145,11 +145,15 @@ impl Session {
 
     /// Replaces the session by a new, empty one with a new id, and deletes
     /// the old one at once (against session fixation: call it at login).
+    ///
+    /// When nothing has read the session yet, the cookie's id is deleted
+    /// without loading it first (as `destroy` does): a login costs no read.
     pub async fn regenerate(&self) -> Result<(), SessionError> {
-        let mut state = self.loaded().await?;
-        if let (Some(old), false) = (&state.id, state.is_new) {
+        let mut state = self.shared.state.lock().await;
+        if let Some(old) = self.stored_id(&state) {
             self.shared.backend.destroy(old.as_str()).await?;
         }
+        state.loaded = true;
         let settings = &self.shared.settings;
         state.record = Some(settings.new_record(OffsetDateTime::now_utc()));
         state.id = Some(SessionId::generate());
@@ -167,11 +171,7 @@ impl Session {
     /// cookie from this response on.
     pub async fn destroy(&self) -> Result<(), SessionError> {
         let mut state = self.shared.state.lock().await;
-        let stored = match (&state.id, state.is_new, &self.shared.incoming) {
-            (Some(id), false, _) => Some(id.clone()),
-            (None, _, Some(incoming)) if !state.loaded => Some(incoming.sid.clone()),
-            _ => None,
-        };
+        let stored = self.stored_id(&state);
         let result = match stored {
             Some(id) => self.shared.backend.destroy(id.as_str()).await,
             None => Ok(()),
@@ -182,6 +182,17 @@ impl Session {
             ..State::default()
         };
         Ok(result?)
+    }
+
+    /// The id of the row this request's session is stored under, if any:
+    /// the loaded one, or, before anything loaded it, the cookie's (its row
+    /// may not exist; deleting it then costs nothing more than a read would).
+    fn stored_id(&self, state: &State) -> Option<SessionId> {
+        match (&state.id, state.is_new, &self.shared.incoming) {
+            (Some(id), false, _) => Some(id.clone()),
+            (None, _, Some(incoming)) if !state.loaded => Some(incoming.sid.clone()),
+            _ => None,
+        }
     }
 
     /// The state with the session loaded (one read, the first time).

@@ -267,6 +267,24 @@ async fn regenerate_replaces_the_id_and_kills_the_old_one() {
 }
 
 #[tokio::test]
+async fn a_login_with_a_cookie_deletes_the_old_row_without_reading_it() {
+    let backend = Counting::default();
+    let layer = SessionLayer::new(backend.clone(), secrets());
+    let first = call(&layer, Action::Increment, None).await;
+    let old = cookie_pair(&set_cookie(&first).unwrap());
+    let loads_before = backend.loads.load(Ordering::SeqCst);
+    let response = call(&layer, Action::Regenerate, Some(&old)).await;
+    assert!(set_cookie(&response).is_some(), "new cookie");
+    assert_eq!(
+        backend.loads.load(Ordering::SeqCst) - loads_before,
+        0,
+        "regenerate before any read loads nothing"
+    );
+    assert_eq!(backend.destroys.load(Ordering::SeqCst), 1);
+    assert!(backend.store.load(&sid_of(&old)).await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn destroy_removes_the_row_and_clears_the_cookie() {
     let backend = Counting::default();
     let layer = SessionLayer::new(backend.clone(), secrets());

@@ -71,6 +71,12 @@ pub fn client_config(
 ///
 /// Passed explicitly rather than installed as the process default, so that
 /// an application that installs another one keeps it for its own clients.
+///
+/// rustls 0.23.48 deprecates ring's provider for its lack of post-quantum
+/// key exchange. pgsession keeps ring (it needs only a C compiler; aws-lc-rs,
+/// the other provider, brings a heavier native build), and an application
+/// that resolves a newer rustls should not get a warning for that choice.
+#[allow(deprecated)]
 fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
